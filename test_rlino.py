@@ -1,0 +1,903 @@
+"""Tests for rlino: the math on hand-made tensors and tiny models built from a config (no download), the
+verifiers on tables of right, wrong, tricky and adversarial answers, and the real data when RLINO_DATA_DIR is set.
+
+    pytest test_rlino.py                               # CI sets RLINO_DATA_DIR=../shared/data
+"""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import rlino
+import tasks
+from tasks import DataError, generate_countdown, get_task, math_equal, solve_countdown
+
+HERE = Path(__file__).parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+# --------------------------------------------------------------------------- tiny models
+CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
+SPECIALS = ["<unk>", "<s>", "<|im_end|>", "<|im_start|>"]
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_tiny_model(folder: Path, seed: int = 0, layers: int = 2) -> Path:
+    """A random 2-layer Llama with a character-level tokenizer (100 tokens), saved like a hub model."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIALS + CHARS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                        eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                        additional_special_tokens=["<|im_start|>"])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture()
+def tiny(tiny_dir):
+    model, tokenizer = rlino.load_model(str(tiny_dir), torch.device("cpu"))
+    return model, tokenizer
+
+
+def resolved(**overrides) -> rlino.Config:
+    """A config as main() would see it on a CPU, with these fields set."""
+    return rlino.resolve_config(rlino.Config(**overrides), torch.device("cpu"))
+
+
+def random_rollout(n_prompts=3, group_size=4, vocab=100, seed=0) -> rlino.Rollout:
+    """A hand-made rollout: prompts of different lengths, completions of different lengths."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(4, vocab, (5 + 3 * i,), generator=g).tolist() for i in range(n_prompts)]
+    prompt_ids, prompt_mask = rlino.left_pad(prompts, 2)
+    n = n_prompts * group_size
+    lengths = torch.randint(2, 12, (n,), generator=g)
+    width = int(lengths.max())
+    completion_ids = torch.randint(4, vocab, (n, width), generator=g)
+    completion_mask = (torch.arange(width)[None] < lengths[:, None]).float()
+    return rlino.Rollout(prompt_ids.repeat_interleave(group_size, 0), prompt_mask.repeat_interleave(group_size, 0),
+                         completion_ids, completion_mask, lengths, torch.zeros(n, dtype=torch.bool), torch.ones(n))
+
+
+def test_config_parser_exposes_every_field():
+    helptext = rlino.build_parser().format_help()
+    for f in rlino.dataclasses.fields(rlino.Config):
+        assert "--" + f.name.replace("_", "-") in helptext
+    args = rlino.build_parser().parse_args(["--group-size", "7", "--no-scale-adv", "--loss-agg", "token"])
+    assert (args.group_size, args.scale_adv, args.loss_agg) == (7, False, "token")
+
+
+def test_resolve_config_presets_and_overrides():
+    cpu = rlino.resolve_config(rlino.Config(lr=3e-4), torch.device("cpu"))
+    assert cpu.lr == 3e-4 and cpu.group_size == rlino.PRESETS["cpu"]["group_size"]
+    cuda = rlino.resolve_config(rlino.Config(), torch.device("cuda"))
+    assert (cuda.group_size, cuda.temperature, cuda.lr, cuda.prompts_per_step, cuda.max_new_tokens) == \
+        (5, 0.6, 1e-6, 64, 1024)
+    with pytest.raises(rlino.UsageError):
+        rlino.resolve_config(rlino.Config(group_size=1), torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------- tasks: verifiers and data
+DATA_DIR = os.environ.get("RLINO_DATA_DIR")
+needs_data = pytest.mark.skipif(not (DATA_DIR and os.path.isdir(DATA_DIR)),
+                                reason="set RLINO_DATA_DIR to the data directory (e.g. ../shared/data) to run this")
+
+GSM8K = {"question": "How much?", "answer": "She makes 9 * 2 = <<9*2=18>>18.\n#### 18"}
+GSM8K_BIG = {"question": "How much?", "answer": "... #### 1,000"}
+GSM8K_NEG = {"question": "Change?", "answer": "... #### -3"}
+MATH = {"problem": "p", "solution": "s", "answer": "\\frac{1}{2}"}
+MATH_TUPLE = {"problem": "p", "solution": "s", "answer": "\\left( 3, \\frac{\\pi}{2} \\right)"}
+COUNTDOWN = {"nums": [79, 17, 60], "target": 36}
+
+
+def timed_reward(task_name, completion, example, **kwargs):
+    start = time.perf_counter()
+    score = get_task(task_name).reward(completion, example, **kwargs)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 1.0, f"{task_name} took {elapsed:.2f} s on {completion[:60]!r}"
+    return score
+
+
+# ----------------------------------------------------------------------------------------------- verifier tables
+@pytest.mark.parametrize("completion, example, expected", [
+    ("so she makes \\boxed{18} dollars.", GSM8K, 1.0),
+    ("\\boxed{18.00}", GSM8K, 1.0),
+    ("\\boxed{\\$18}", GSM8K, 1.0),
+    ("\\boxed{18 \\text{ dollars}}", GSM8K, 1.0),
+    ("work\n#### 18", GSM8K, 1.0),
+    ("The answer is: $18.", GSM8K, 1.0),
+    ("THE ANSWER IS 18", GSM8K, 1.0),
+    ("16 - 3 - 4 = 9 eggs, 9 * 2 = 18", GSM8K, 1.0),  # last number
+    ("\\boxed{17} (I first thought 18)", GSM8K, 0.0),  # boxed wins over later numbers
+    ("\\boxed{18} then \\boxed{19}", GSM8K, 0.0),  # the last box counts
+    ("\\boxed{-18}", GSM8K, 0.0),  # the sign is kept
+    ("\\boxed{1,000}", GSM8K_BIG, 1.0),
+    ("\\boxed{\\$1,000}", GSM8K_BIG, 1.0),
+    ("\\boxed{1000.0}", GSM8K_BIG, 1.0),
+    ("\\boxed{100}", GSM8K_BIG, 0.0),
+    ("\\boxed{1,0001}", GSM8K_BIG, 0.0),  # not a thousands separator: reads as 1
+    ("\\boxed{-3}", GSM8K_NEG, 1.0),
+    ("\\boxed{3}", GSM8K_NEG, 0.0),
+    ("\\boxed{١٨}", GSM8K, 0.0),  # unicode digits are not numbers
+    ("no numbers here", GSM8K, 0.0),
+    ("\\boxed{18", GSM8K, 1.0),  # unclosed box: falls back to the last number
+    ("", GSM8K, 0.0),
+])
+def test_gsm8k_reward(completion, example, expected):
+    assert timed_reward("gsm8k", completion, example) == expected
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("\\frac{1}{2}", 1.0), ("\\dfrac{1}{2}", 1.0), ("\\tfrac12", 1.0), ("\\frac12", 1.0), ("\\frac 12", 1.0),
+    ("0.5", 1.0), (".5", 1.0), ("1/2", 1.0), ("x = \\frac{1}{2}", 1.0), ("\\left(\\frac{1}{2}\\right)", 1.0),
+    ("\\frac{2}{4}", 1.0), ("\\frac{\\sqrt{2}}{\\sqrt{8}}", 1.0),
+    ("2", 0.0), ("-\\frac{1}{2}", 0.0), ("0.50001", 0.0), ("\\frac{1}{3}", 0.0), ("\\frac{1}{0}", 0.0), ("", 0.0),
+    ("\\text{one half}", 0.0), ("\\frac{1}{2", 0.0),
+])
+def test_math_reward_fraction(given, expected):
+    assert timed_reward("math", f"Thus the answer is $\\boxed{{{given}}}$.", MATH) == expected
+
+
+@pytest.mark.parametrize("given, gold, expected", [
+    ("(3, \\frac{\\pi}{2})", "\\left( 3, \\frac{\\pi}{2} \\right)", True),
+    ("(3, \\pi/2)", "\\left( 3, \\frac{\\pi}{2} \\right)", True),
+    ("(3, \\pi)", "\\left( 3, \\frac{\\pi}{2} \\right)", False),
+    ("(3,4)", "(3,4]", False),
+    ("90", "90^\\circ", True), ("90^{\\circ}", "90", True), ("50\\%", "50", True), ("18.9", "\\$18.90", True),
+    ("10080", "10,\\!080", True), ("11111111100", "11,\\! 111,\\! 111,\\! 100", True),
+    ("15", "15\\mbox{ cm}^2", True), ("5.4", "5.4 \\text{ cents}", True), ("\\frac{270}{7}", "\\frac{270}7\\text{ degrees}", True),
+    ("\\text{(B)}", "\\text{(B)}", True), ("B", "\\text{(B)}", True), ("(C)", "\\text{(B)}", False),
+    ("\\text{Evelyn}", "\\text{Evelyn}", True), ("Evelyn", "\\text{Navin}", False),
+    ("x = 5", "5", True), ("y=2x+3", "y = 2x + 3", True), ("[-2,7]", "x \\in [-2,7]", True),
+    ("\\sqrt{20}", "2\\sqrt{5}", True), ("2\\sqrt{6}", "2\\sqrt{5}", False), ("11\\sqrt{2}", "11\\sqrt2", True),
+    ("-q + p", "p - q", True), ("(b+2)(a+5)", "(a+5)(b+2)", True), ("2(k+1)", "2k+2", True), ("2k+1", "2k+2", False),
+    ("(x+1)^2", "x^2+2x+1", True), ("(x+1)^2", "x^2+2x+2", False),
+    ("1-12i", "1 - 12i", True), ("\\sqrt{-4}", "2i", True), ("\\frac{1}{\\sqrt{3}}", "\\frac{\\sqrt{3}}{3}", True),
+    ("6.72\\times10^{-5}", ".0000672", True), ("0.333333", "\\frac{1}{3}", False), ("3.14159", "\\pi", False),
+    ("3, 5, 7", "3, 5, 7", True), ("7, 5, 3", "3, 5, 7", False), ("(-\\infty, 0]", "(-\\infty, 0]", True),
+    ("\\begin{pmatrix} -1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix}-1\\\\2\\end{pmatrix}", True),
+    ("4210_{5}", "4210_5", True), ("4211_5", "4210_5", False),
+    ("\\sqrt{2}\\sqrt{3}-\\sqrt{6}", "0", True), ("10^{-30}", "0", False), ("2^{90}", "1237940039285380274899124224", True),
+])
+def test_math_equal(given, gold, expected):
+    assert timed_reward("math", f"\\boxed{{{given}}}", {"answer": gold}) == float(expected)
+
+
+def test_math_boxed_forms():
+    assert timed_reward("math", "so \\boxed 5$.", {"answer": "5"}) == 1.0
+    assert timed_reward("math", "\\fbox{5}", {"answer": "5"}) == 1.0
+    assert timed_reward("math", "\\boxed{4} no wait \\boxed{5}", {"answer": "5"}) == 1.0
+    assert timed_reward("math", "\\boxed{5} no wait \\boxed{4}", {"answer": "5"}) == 0.0
+    assert timed_reward("math", "the answer is 5", {"answer": "5"}) == 0.0  # MATH wants a box
+    assert timed_reward("math", "\\boxed{\\{1,2\\}}", {"answer": "\\{1,2\\}"}) == 1.0  # escaped braces
+    assert get_task("math").extract_answer("a \\boxed{\\frac{1}{2}} b") == "\\frac{1}{2}"
+    assert get_task("math").extract_answer("\\boxed{5} \\boxed{") is None
+
+
+@pytest.mark.parametrize("completion, expected", [
+    ("<think>79+17=96, 96-60=36</think>\n<answer>(79 + 17) - 60</answer>", 1.0),
+    ("<answer>79+17-60</answer>", 1.0),
+    ("<answer> 17 - 60 + 79 </answer>", 1.0),
+    ("<answer>60 - (79 - 17) + 34</answer>", 0.0),  # a number not given
+    ("<answer>79 - 17 - 60</answer>", 0.0),  # wrong value
+    ("<answer>96 - 60</answer>", 0.0),  # numbers not as given
+    ("<answer>79 + 17 - 60 + 60 - 60</answer>", 0.0),  # a number used twice
+    ("<answer>79 + 17 - 60 = 36</answer>", 0.0),
+    ("<answer>(79 + 17) - 60</answer> then <answer>79 - 17 - 60</answer>", 0.0),  # the last answer counts
+    ("<answer>79 - 17 - 60</answer> then <answer>79 + 17 - 60</answer>", 1.0),
+    ("<answer>79.0 + 17 - 60</answer>", 0.0),
+    ("<answer>79 + 17 - 60", 0.0),  # half-closed tag
+    ("79 + 17 - 60 </answer>", 0.0),
+    ("<answer>79 // 1 + 17 - 60</answer>", 0.0),
+    ("<answer>0x4F + 17 - 60</answer>", 0.0),
+    ("<answer>79 + 17 - 60 / 0</answer>", 0.0),
+    ("<answer>__import__('os').system('true')</answer>", 0.0),
+    ("<answer>9**9**9</answer>", 0.0),
+    ("<answer>٧٩ + 17 - 60</answer>", 0.0),
+    ("(79 + 17) - 60", 0.0),  # no tags
+])
+def test_countdown_reward(completion, expected):
+    assert timed_reward("countdown", completion, COUNTDOWN) == expected
+
+
+def test_countdown_division():
+    assert timed_reward("countdown", "<answer>(8 / 3) * 3 + 1</answer>", {"nums": [8, 3, 3, 1], "target": 9}) == 1.0
+    assert timed_reward("countdown", "<answer>(1 + 2) / 3</answer>", {"nums": [1, 2, 3], "target": 1}) == 1.0
+
+
+def test_format_reward():
+    assert get_task("gsm8k").reward("\\boxed{17}", GSM8K, format_reward=0.1) == 0.1
+    assert get_task("gsm8k").reward("17", GSM8K, format_reward=0.1) == 0.0  # not boxed
+    assert get_task("gsm8k").reward("\\boxed{18}", GSM8K, format_reward=0.1) == 1.0
+    assert get_task("math").reward("\\boxed{2}", MATH, format_reward=0.1) == 0.1
+    assert get_task("countdown").reward("<answer>1 + 2</answer>", COUNTDOWN, format_reward=0.1) == 0.1
+    assert get_task("countdown").reward("<answer>1 + 2", COUNTDOWN, format_reward=0.1) == 0.0
+    assert get_task("countdown").reward("<answer>1 + 2</answer>", COUNTDOWN) == 0.0  # off by default
+
+
+ADVERSARIAL = [
+    "a" * 100_000, "1" * 100_000, "{" * 100_000, "\\boxed{" * 10_000, "<answer>" * 12_500, "</answer>" * 10_000,
+    "\\boxed{" + "(" * 10_000 + "1" + ")" * 10_000 + "}", "\\boxed{" + "{" * 10_000 + "1" + "}" * 10_000 + "}",
+    "<answer>" + "(" * 10_000 + "79+17-60" + ")" * 10_000 + "</answer>", "<answer>" + "-" * 251 + "(79+17-60)</answer>",
+    "\\boxed{١٢}", "<answer>١٢</answer>", "\\boxed{", "<answer> 79+17-60", "<answer>9**9**9</answer>",
+    "<answer>__import__('os').system('ls')</answer>", "\\boxed{__import__('os')}", "\\boxed{10^{10^{10}}}",
+    "\\boxed{(10^{30})^{100}}", "\\boxed{((10^{30})^{100})^{100}}", "\\boxed{2^{2^{2^{2^{2}}}}}", "\\boxed{99^{99}^{99}}",
+    "\\boxed{\\sqrt{99^{100}+1}}", "\\boxed{\\sqrt[10^{10}]{2}}", "\\boxed{\\frac{1}{0}}", "\\boxed{" + "(x+1)^{100}" * 8 + "}",
+    "\\boxed{" + "\\sqrt{" * 40 + "2" + "}" * 40 + "}", "\\boxed{" + "9^{" * 30 + "9" + "}" * 30 + "}",
+    "\\boxed{(\\sqrt{2}+1)^{100}-(\\sqrt{2}-1)^{-100}}", "\\boxed{" + "-" * 90 + "1}", "\\boxed{" + "1/" * 400 + "1}",
+    "\\boxed{" + "\\text{ a}" * 5_000 + "}", "\\boxed{" + "a " * 49_000 + "}", "\\boxed " + "1" * 100_000,
+    "The answer is " + "9" * 5_000, "#### " + "1," * 50_000, "\\fbox{" + "(" * 300 + ")" * 300 + "}",
+    "<answer>" + "99*" * 60 + "1</answer>", "<answer>1/(1-1)</answer>", "\x00\ud800\uffff" * 1000,
+    "\\boxed{\\sqrt{(((y)^{7})^{99}+\\frac{i}{y}\\cdot \\sqrt[9]{x})^{33}}}",  # sympy took 79 s to build this one
+    "\\boxed{" + "x^{" * 19 + "x" + "}" * 19 + "}", "\\boxed{" + "(10^{999})^{999}" * 6 + "}",
+]
+
+
+def run_adversarial():
+    slowest = 0.0
+    for completion in ADVERSARIAL:
+        for name, example in (("gsm8k", GSM8K), ("math", MATH), ("countdown", COUNTDOWN)):
+            start = time.perf_counter()
+            score = get_task(name).reward(completion, example, format_reward=0.1)
+            get_task(name).extract_answer(completion)
+            slowest = max(slowest, time.perf_counter() - start)
+            assert score in (0.0, 0.1), (name, completion[:60], score)
+    return slowest
+
+
+def test_adversarial_inputs_fail_closed_and_fast():
+    assert run_adversarial() < 1.0
+
+
+def test_adversarial_inputs_in_a_worker_thread():  # no SIGALRM there: the size guards alone must hold
+    result = []
+    worker = threading.Thread(target=lambda: result.append(run_adversarial()))
+    worker.start()
+    worker.join(timeout=60)
+    assert result and result[0] < 1.0
+
+
+def test_non_string_inputs_score_zero():
+    for name, example in (("gsm8k", GSM8K), ("math", MATH), ("countdown", COUNTDOWN)):
+        assert get_task(name).reward(None, example) == 0.0
+        assert get_task(name).reward("\\boxed{18} <answer>1</answer>", {}) == 0.0
+
+
+def test_no_eval_exec_compile_in_source():
+    source = open(tasks.__file__, encoding="utf-8").read()
+    for banned in ("eval(", "exec(", "compile("):
+        assert banned not in source
+
+
+# ------------------------------------------------------------------------------------ gold self-verification
+@needs_data
+def test_gsm8k_gold_answers_score_one():
+    task = get_task("gsm8k")
+    examples = task.load("test", DATA_DIR)
+    assert len(examples) == 1319
+    failures = []
+    for ex in examples:
+        gold = ex["answer"].split("####")[-1].strip()
+        for completion in (f"...reasoning... The answer is \\boxed{{{gold}}}.",
+                           f"...reasoning... The answer is \\boxed{{{gold.replace(',', '')}}}.",
+                           f"...reasoning...\n#### {gold}", f"So the answer is {gold}."):
+            if task.reward(completion, ex) != 1.0:
+                failures.append(completion)
+        wrong = int(gold.replace(",", "")) + 1
+        if task.reward(f"\\boxed{{{wrong}}}", ex) != 0.0 or task.reward(f"The answer is {wrong}", ex) != 0.0:
+            failures.append(wrong)
+    assert not failures, failures[:10]
+
+
+@needs_data
+def test_math500_gold_answers_score_one():
+    task = get_task("math")
+    examples = task.load("test", DATA_DIR)
+    assert len(examples) == 500
+    failures = [ex["answer"] for ex in examples
+                if task.reward(f"...reasoning... The answer is $\\boxed{{{ex['answer']}}}$.", ex) != 1.0]
+    print(f"MATH-500 gold: {500 - len(failures)}/500")
+    assert not failures, failures
+
+
+@needs_data
+def test_math500_gold_answers_rewritten_still_score_one():
+    # The same answers written differently: \dfrac, no spaces, no \left/\right, a leading "x = " is not needed.
+    task = get_task("math")
+    failures = []
+    for ex in task.load("test", DATA_DIR):
+        variant = re.sub(r"\\left|\\right", "", ex["answer"].replace("\\frac", "\\dfrac")).replace(" ", "")
+        if task.reward(f"\\boxed{{{variant}}}", ex) != 1.0:
+            failures.append((variant, ex["answer"]))
+    assert not failures, failures
+
+
+@needs_data
+def test_math500_other_gold_answers_score_zero():
+    answers = [ex["answer"] for ex in get_task("math").load("test", DATA_DIR)]
+    accepted = [(a, b) for i, a in enumerate(answers) for b in answers[i + 1:i + 6] if a != b and math_equal(a, b)]
+    assert accepted == [("5", "x=5")]  # the only pair in reach that really is the same answer
+
+
+@needs_data
+def test_countdown_solver_and_verifier_on_test_set():
+    task = get_task("countdown")
+    examples = task.load("test", DATA_DIR)
+    assert len(examples) == 1024
+    for ex in examples:
+        expression = solve_countdown(ex["nums"], ex["target"])
+        assert expression is not None, ex
+        assert task.reward(f"<think>...</think>\n<answer>{expression}</answer>", ex) == 1.0, (ex, expression)
+        assert task.reward(f"<answer>{expression}</answer>", {**ex, "target": ex["target"] + 1}) == 0.0
+        assert task.reward(f"<answer>{expression} + 1</answer>", ex) == 0.0
+
+
+# -------------------------------------------------------------------------------------------------- generator
+def test_countdown_generator():
+    problems = generate_countdown(300, seed=1)
+    assert problems == generate_countdown(300, seed=1)
+    assert problems != generate_countdown(300, seed=2)
+    assert generate_countdown(100, seed=1) == problems[:100]
+    assert {len(p["nums"]) for p in problems} == {3, 4}
+    for p in problems:
+        assert 10 <= p["target"] <= 100 and all(1 <= n <= 99 for n in p["nums"])
+        assert solve_countdown(p["nums"], p["target"]) is not None
+
+
+def test_countdown_generator_excludes():
+    problems = generate_countdown(200, seed=3)
+    banned = {(p["target"], tuple(sorted(p["nums"]))) for p in problems[:100]}
+    kept = generate_countdown(200, seed=3, exclude=banned)
+    assert not banned & {(p["target"], tuple(sorted(p["nums"]))) for p in kept}
+
+
+@needs_data
+def test_countdown_train_is_disjoint_from_test():
+    task = get_task("countdown")
+    test = {(p["target"], tuple(sorted(p["nums"]))) for p in task.load("test", DATA_DIR)}
+    train = task.load("train", DATA_DIR, limit=500, seed=0)
+    assert len(train) == 500 and not test & {(p["target"], tuple(sorted(p["nums"]))) for p in train}
+
+
+def test_solve_countdown():
+    assert solve_countdown([79, 17, 60], 36) is not None
+    assert solve_countdown([1, 1], 5) is None
+    assert solve_countdown([5], 5) == "5"
+    assert solve_countdown([], 5) is None
+
+
+def test_arith_is_synthetic_seeded_and_disjoint():
+    task = get_task("arith")
+    test, train = task.load("test"), task.load("train")
+    assert len(test) == 500 and len(train) == 2 * 99 * 99 - 500
+    assert not {p["question"] for p in test} & {p["question"] for p in train}
+    assert task.load("train", seed=5, limit=50) == task.load("train", seed=5, limit=50) != task.load("train", limit=50)
+    for p in test[:50]:
+        a, op, b = re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?", p["question"]).groups()
+        assert int(p["answer"]) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+        assert task.reward(f"so \\boxed{{{p['answer']}}}", p) == 1.0
+
+
+# ----------------------------------------------------------------------------------------------- data loading
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+
+def test_load_local_skips_bad_records(tmp_path, capsys):
+    write_jsonl(tmp_path / "gsm8k" / "train.jsonl",
+                [{"question": "q1", "answer": "#### 1"}, {"question": "q2"}, "not json", {"question": "q3", "answer": 3},
+                 {"question": "q4", "answer": "#### 4"}])
+    rows = get_task("gsm8k").load("train", str(tmp_path))
+    assert [r["question"] for r in rows] == ["q1", "q4"]
+    assert "skipped 3 of 5" in capsys.readouterr().err
+    assert get_task("gsm8k").load("train", str(tmp_path), limit=1) == rows[:1]
+
+
+def test_load_all_bad_records_is_an_error(tmp_path):
+    write_jsonl(tmp_path / "math" / "test.jsonl", [{"problem": "p"}, "]"])
+    with pytest.raises(DataError):
+        get_task("math").load("test", str(tmp_path))
+
+
+def test_load_unreadable_file_is_an_error(tmp_path):
+    (tmp_path / "countdown").mkdir()
+    (tmp_path / "countdown" / "test.jsonl").write_bytes(b"\xff\xfe\x00 not utf-8")
+    with pytest.raises(DataError):
+        get_task("countdown").load("test", str(tmp_path))
+
+
+def test_load_from_env_dir(tmp_path, monkeypatch):
+    write_jsonl(tmp_path / "countdown" / "test.jsonl", [{"target": 36, "nums": [79, 17, 60]}])
+    monkeypatch.setenv("RLINO_DATA_DIR", str(tmp_path))
+    assert tasks.resolve_data_dir(None) == str(tmp_path)
+    assert tasks.resolve_data_dir("/elsewhere") == "/elsewhere"
+    assert get_task("countdown").load("test") == [{"target": 36, "nums": [79, 17, 60]}]
+
+
+def test_missing_local_file_names_both_ways(tmp_path):
+    with pytest.raises(DataError) as error:
+        get_task("gsm8k").load("test", str(tmp_path / "nowhere"))
+    message = str(error.value)
+    assert "\n" not in message and "--data-dir" in message and "RLINO_DATA_DIR" in message and "hub" in message
+
+
+def test_bad_split_and_unknown_task():
+    with pytest.raises(ValueError):
+        get_task("gsm8k").load("validation")
+    with pytest.raises(ValueError, match="unknown task 'x'; choose from gsm8k, math, countdown"):
+        get_task("x")
+
+
+def test_hub_offline_without_data_dir_is_a_data_error(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RLINO_DATA_DIR"}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path))
+    script = ("import tasks, time\nt = time.time()\ntry:\n    tasks.get_task('gsm8k').load('test')\n"
+              "except tasks.DataError as e:\n    print('DataError', time.time() - t, e)\n")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(tasks.__file__))
+    assert done.stdout.startswith("DataError"), done.stdout + done.stderr
+    seconds, message = done.stdout.split(" ", 2)[1:]
+    assert float(seconds) < 30 and "--data-dir" in message and "hub" in message
+
+
+def test_countdown_train_without_test_set_still_generates(tmp_path, capsys):
+    rows = get_task("countdown").load("train", str(tmp_path), limit=20)
+    assert len(rows) == 20 and "cannot exclude" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------- prompts
+def test_prompts():
+    countdown = get_task("countdown")
+    text = countdown.prompt_text(COUNTDOWN)
+    assert "Using the numbers [79, 17, 60], create an equation that equals 36." in text
+    assert text.endswith("Assistant: Let me solve this step by step.\n<think>")
+    messages = countdown.prompt_messages(COUNTDOWN)
+    assert messages[-1]["role"] == "user" and "<answer> (1 + 2) / 3 </answer>" in messages[-1]["content"]
+    for name, example, field in (("gsm8k", GSM8K, "question"), ("math", MATH, "problem")):
+        content = get_task(name).prompt_messages(example)[-1]["content"]
+        assert content.startswith(example[field]) and content.endswith("final answer within \\boxed{}.")
+        assert get_task(name).prompt_text(example).rstrip().endswith("Assistant: Let me solve this step by step.")
+
+
+# --------------------------------------------------------------------------- (a) advantages
+def test_group_advantages_hand_computed():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 4.0, 6.0, 8.0])
+    adv = rlino.group_advantages(rewards, 4, eps=0.0)
+    std2 = math.sqrt(5.0)  # population std of 2, 4, 6, 8
+    expected = torch.tensor([0.75 / math.sqrt(0.1875), -0.25 / math.sqrt(0.1875), -0.25 / math.sqrt(0.1875),
+                             -0.25 / math.sqrt(0.1875), -3 / std2, -1 / std2, 1 / std2, 3 / std2])
+    torch.testing.assert_close(adv, expected)
+    torch.testing.assert_close(rlino.group_advantages(rewards, 4, scale=False),
+                               torch.tensor([0.75, -0.25, -0.25, -0.25, -3.0, -1.0, 1.0, 3.0]))
+
+
+@pytest.mark.parametrize("n_correct,group_size", [(1, 4), (2, 5), (3, 4), (1, 8)])
+def test_binary_advantages_closed_form(n_correct, group_size):
+    p = n_correct / group_size
+    rewards = torch.tensor([1.0] * n_correct + [0.0] * (group_size - n_correct))
+    adv = rlino.group_advantages(rewards, group_size, eps=1e-8)
+    torch.testing.assert_close(adv[0], torch.tensor(math.sqrt((1 - p) / p)))
+    torch.testing.assert_close(adv[-1], torch.tensor(-math.sqrt(p / (1 - p))))
+
+
+def test_all_equal_group_gives_zero_not_nan():
+    adv = rlino.group_advantages(torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0]), 3)
+    assert torch.equal(adv, torch.zeros(6))
+
+
+def test_fisft_sample_weights():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    adv = rlino.group_advantages(rewards, 4)
+    assert torch.equal(rlino.fisft_sample_weights(rewards, adv, "fisft+-", "adv"), adv)
+    assert torch.equal(rlino.fisft_sample_weights(rewards, adv, "fisft+", "unit"), torch.tensor([1.0, 0, 0, 1]))
+    assert torch.equal(rlino.fisft_sample_weights(rewards, adv, "fisft-", "unit"), torch.tensor([0.0, -1, -1, 0]))
+    plus = rlino.fisft_sample_weights(rewards, adv, "fisft+", "adv")
+    assert (plus[[0, 3]] > 0).all() and (plus[[1, 2]] == 0).all()
+
+
+# --------------------------------------------------------------------------- (b) the paper's reduction
+def gradients(model) -> dict:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("loss_agg", ["seq", "token", "const"])
+def test_grpo_gradient_equals_fisft_pm_gradient(tiny, loss_agg):
+    # The paper's assumptions: binary reward, one update per batch (ratio == 1), no KL.
+    model, _ = tiny
+    rollout = random_rollout()
+    rewards = torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1, 1, 1, 1, 0])
+    adv = rlino.group_advantages(rewards, 4)
+    cfg = resolved(loss_agg=loss_agg, max_new_tokens=12, micro_batch=5, max_grad_norm=1e9, beta=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    amp = rlino.contextlib.nullcontext()
+    grpo = rlino.update(model, opt, rollout, adv, None, None, None, cfg, amp, world=1)
+    grad_grpo = gradients(model)
+    weights = rlino.fisft_sample_weights(rewards, adv, "fisft+-", "adv")
+    fisft = rlino.update(model, opt, rollout, adv, weights, None, None, cfg, amp, world=1)
+    grad_fisft = gradients(model)
+    assert grad_grpo.keys() == grad_fisft.keys() and len(grad_grpo) > 0
+    for name in grad_grpo:
+        torch.testing.assert_close(grad_grpo[name], grad_fisft[name], msg=name)
+    assert grpo["grad_norm"] > 0 and grpo["clip_frac"] == 0.0
+    assert fisft["grad_norm"] == pytest.approx(grpo["grad_norm"], rel=1e-5)  # the loss values differ; not the update
+
+
+def test_micro_batching_does_not_change_the_gradient(tiny):
+    model, _ = tiny
+    rollout = random_rollout()
+    adv = rlino.group_advantages(torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1, 1, 1, 1, 0]), 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    grads = []
+    for micro_batch in (1, 12):
+        cfg = resolved(loss_agg="seq", max_new_tokens=12, micro_batch=micro_batch, max_grad_norm=1e9)
+        rlino.update(model, opt, rollout, adv, None, None, None, cfg, rlino.contextlib.nullcontext(), world=1)
+        grads.append(gradients(model))
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+# --------------------------------------------------------------------------- (c) clipping and KL
+@pytest.mark.parametrize("advantage,ratio,grad_flows", [
+    (1.0, 1.5, False),   # A > 0, ratio above 1 + eps: clipped, no gradient
+    (1.0, 0.5, True),    # A > 0, ratio below 1 - eps: the unclipped term is the minimum, gradient flows
+    (-1.0, 0.5, False),  # A < 0, ratio below 1 - eps: clipped
+    (-1.0, 1.5, True),   # A < 0, ratio above 1 + eps: gradient flows (pessimistic bound)
+    (1.0, 1.1, True),    # inside the trust region
+])
+def test_clipping_stops_the_gradient_on_the_right_side(advantage, ratio, grad_flows):
+    logprobs = torch.tensor([[math.log(ratio)]], requires_grad=True)
+    loss, clipped = rlino.grpo_token_loss(logprobs, torch.zeros(1, 1), torch.tensor([advantage]), 0.2, 0.2)
+    loss.sum().backward()
+    assert (logprobs.grad.abs().item() > 0) == grad_flows
+    assert bool(clipped.item()) == (not grad_flows)
+
+
+def test_kl_k3_nonnegative_and_zero_at_reference():
+    g = torch.Generator().manual_seed(0)
+    logprobs, ref = -torch.rand(4, 7, generator=g) * 5, -torch.rand(4, 7, generator=g) * 5
+    assert (rlino.kl_k3(logprobs, ref) >= 0).all()
+    assert torch.equal(rlino.kl_k3(logprobs, logprobs), torch.zeros(4, 7))
+
+
+def test_kl_term_pulls_towards_reference(tiny):
+    model, _ = tiny
+    rollout = random_rollout()
+    cfg = resolved(loss_agg="seq", max_new_tokens=12, micro_batch=12, max_grad_norm=1e9, beta=1.0)
+    amp = rlino.contextlib.nullcontext()
+    ref = rlino.rollout_logprobs(model, rollout, 12, amp)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    stats = rlino.update(model, opt, rollout, torch.zeros(12), None, None, ref, cfg, amp, world=1)
+    assert abs(stats["kl"]) < 1e-6 and stats["grad_norm"] < 1e-5  # policy == reference: no KL, no gradient
+    shifted = ref - 0.5 * rollout.completion_mask
+    stats = rlino.update(model, opt, rollout, torch.zeros(12), None, None, shifted, cfg, amp, world=1)
+    assert stats["kl"] > 0 and stats["grad_norm"] > 0
+
+
+# --------------------------------------------------------------------------- (d) the length effect
+def test_seq_aggregation_makes_long_answers_cheap_per_token():
+    lengths = torch.tensor([10, 20, 40])
+    mask = (torch.arange(40)[None] < lengths[:, None]).float()
+    seq = rlino.token_weights(mask, "seq", 40)
+    per_token = seq[:, 0]
+    torch.testing.assert_close(per_token * lengths, torch.full((3,), 1 / 3))  # weight = 1/(N |o_i|)
+    assert per_token[0] == 2 * per_token[1] == 4 * per_token[2]
+    for agg in ("token", "const"):
+        w = rlino.token_weights(mask, agg, 40)[:, 0]
+        assert torch.equal(w, w[:1].expand(3)), agg  # the same for every sequence, whatever its length
+    assert rlino.token_weights(mask, "const", 40)[0, 0] == 1 / (3 * 40)
+    assert rlino.token_weights(mask, "token", 40)[0, 0] == 1 / 70
+
+
+# --------------------------------------------------------------------------- (e) the sampler
+def test_sampler_greedy_equals_generate(tiny):
+    model, tokenizer = tiny
+    model.eval()
+    prompts = [tokenizer(t)["input_ids"] for t in ["What is 2+2?", "Hi", "A longer prompt, of more tokens."]]
+    ids, mask = rlino.left_pad(prompts, tokenizer.pad_token_id)
+    free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                          eos_token_id=None, pad_token_id=2)[:, ids.shape[1]:]
+    stop = int(free[0, 5])  # a token the first row emits mid-way: rows stop at different times
+    expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                              eos_token_id=[stop], pad_token_id=stop)[:, ids.shape[1]:]
+    rollout = rlino.sample(model, prompts, 1, 16, [stop], 0.0, 1.0, None)
+    assert rollout.lengths.min() < 16, "the test needs a row that stops early"
+    for row in range(3):
+        n = int(rollout.lengths[row])
+        assert rollout.completion_ids[row, :n].tolist() == expected[row, :n].tolist()
+        assert bool(rollout.truncated[row]) == (stop not in expected[row].tolist())
+        assert rollout.completion_mask[row].sum() == n
+
+
+def test_sampler_is_seeded_and_groups_share_their_prompt(tiny):
+    model, tokenizer = tiny
+    prompts = [tokenizer(t)["input_ids"] for t in ["abc", "a longer one"]]
+    runs = [rlino.sample(model, prompts, 3, 10, [2], 1.0, 0.9, rlino.sampler_generator(0, 1, 0, "cpu"))
+            for _ in range(2)]
+    assert torch.equal(runs[0].completion_ids, runs[1].completion_ids)
+    other = rlino.sample(model, prompts, 3, 10, [2], 1.0, 0.9, rlino.sampler_generator(0, 2, 0, "cpu"))
+    assert not torch.equal(runs[0].completion_ids, other.completion_ids)
+    assert torch.equal(runs[0].prompt_ids[0], runs[0].prompt_ids[2]) and runs[0].prompt_ids.shape[0] == 6
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    drawn = {int(rlino.next_tokens(logits, 1.0, 0.7, g)) for _ in range(200)}
+    assert drawn == {0, 1}
+
+
+# --------------------------------------------------------------------------- (f) main() end to end
+def toy_reward(completion: str, example: dict, format_reward: float = 0.0) -> float:
+    """A reward a random tiny model can earn sometimes: an odd number of 'a's."""
+    return float(completion.count("a") % 2)
+
+
+TINY_RUN = ["--task", "arith", "--steps", "2", "--prompts-per-step", "2", "--group-size", "4",
+            "--max-new-tokens", "12", "--lr", "1e-2", "--eval-size", "4", "--micro-batch", "3"]
+STEP_KEYS = {"step", "reward_mean", "loss", "grad_norm", "lr", "len_mean", "len_correct", "len_incorrect",
+             "truncated_frac", "zero_std_frac", "kl", "clip_frac", "entropy", "time_sample", "time_update",
+             "tokens_per_s", "len_correct_p50", "len_incorrect_p90", "truncated_frac_incorrect"}
+
+
+@pytest.mark.parametrize("algo", rlino.ALGOS)
+def test_main_two_steps_writes_the_run_and_changes_parameters(tiny_dir, tmp_path, monkeypatch, algo):
+    monkeypatch.setattr(tasks.get_task("arith"), "reward", toy_reward)
+    out = tmp_path / "run"
+    rlino.main([*TINY_RUN, "--algo", algo, "--model", str(tiny_dir), "--out", str(out)])
+    config = json.loads((out / "config.json").read_text())
+    assert config["algo"] == algo and config["group_size"] == 4
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [0, 1, 2]
+    assert "eval_accuracy" in lines[0] and "eval_accuracy" in lines[-1]
+    for line in lines[1:]:
+        assert STEP_KEYS <= line.keys(), STEP_KEYS - line.keys()
+    assert (out / "samples.jsonl").read_text().count("\n") == 4
+    from transformers import AutoModelForCausalLM
+    before = AutoModelForCausalLM.from_pretrained(tiny_dir).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    unchanged = [n for n in before if torch.equal(before[n], after[n])]
+    assert not unchanged, f"{algo}: parameters that did not change: {unchanged}"
+
+
+# --------------------------------------------------------------------------- (g) the real embedded model
+def test_embedded_smollm2_loads_samples_and_updates():
+    device = torch.device("cpu")
+    model, tokenizer = rlino.load_model(rlino.EMBEDDED_MODEL, device)
+    assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
+    task = tasks.get_task("arith")
+    examples = task.load("test", limit=2)
+    prompts = rlino.encode_prompts(task, examples, tokenizer, "auto")
+    stop = rlino.stop_token_ids(tokenizer, model)
+    assert tokenizer.decode(stop[0]) == "<|im_end|>"
+    rollout = rlino.sample(model, prompts, 2, 8, stop, 0.8, 1.0, rlino.sampler_generator(0, 0, 0, device))
+    assert rollout.completion_ids.shape[0] == 4 and 1 <= int(rollout.lengths.max()) <= 8
+    cfg = resolved(max_new_tokens=8, micro_batch=4, max_grad_norm=1.0)
+    before = model.model.layers[0].self_attn.q_proj.weight.clone()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    stats = rlino.update(model, opt, rollout, torch.tensor([1.0, -1.0, -1.0, 1.0]), None, None, None, cfg,
+                         rlino.contextlib.nullcontext(), world=1)
+    opt.step()
+    assert math.isfinite(stats["loss"]) and stats["grad_norm"] > 0
+    assert not torch.equal(before, model.model.layers[0].self_attn.q_proj.weight)
+
+
+# --------------------------------------------------------------------------- evaluation, pass@k, plots
+def test_pass_at_k_unbiased_estimator():
+    assert rlino.pass_at_k(4, 0, 1) == 0.0 and rlino.pass_at_k(4, 4, 4) == 1.0
+    assert rlino.pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert rlino.pass_at_k(4, 1, 2) == pytest.approx(1 - math.comb(3, 2) / math.comb(4, 2))  # 0.5
+    assert rlino.pass_at_k(10, 3, 5) == pytest.approx(1 - math.comb(7, 5) / math.comb(10, 5))
+
+
+def test_eval_only_writes_accuracy_pass_at_k_and_lengths(tiny_dir, tmp_path):
+    out = tmp_path / "eval"
+    result = rlino.main(["--eval-only", "--model", str(tiny_dir), "--task", "arith", "--eval-size", "6",
+                         "--eval-samples", "4", "--max-new-tokens", "8", "--temperature", "1.0", "--out", str(out)])
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["eval_n"] == 6 and saved["eval_accuracy"] == result["eval_accuracy"]
+    assert {"eval_pass@1", "eval_pass@2", "eval_pass@4", "eval_len_incorrect", "eval_len_incorrect_p90"} <= saved.keys()
+    assert saved["eval_pass@1"] <= saved["eval_pass@2"] <= saved["eval_pass@4"]
+
+
+def write_run(folder: Path, algo: str, seed: int, steps: int = 5) -> Path:
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"algo": algo, "loss_agg": "seq", "seed": seed}))
+    rows = [{"step": s, "reward_mean": 0.1 * s, "len_correct": 50 + s, "len_incorrect": 80 + 3 * s,
+             **({"eval_accuracy": 0.2 + 0.05 * s} if s % 2 == 0 else {})} for s in range(steps)]
+    rows[1]["len_correct"] = None  # a step with no correct answer
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_plot_draws_a_png_from_run_folders(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is in requirements.txt; --plot needs it")
+    runs = [str(write_run(tmp_path / name, algo, seed)) for name, algo, seed in
+            [("a", "grpo", 0), ("b", "fisft+-", 1)]]
+    png = tmp_path / "fig.png"
+    rlino.main(["--plot", *runs, "--out", str(png)])
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    from matplotlib import image
+    pixels = image.imread(png)
+    assert pixels.shape[1] > 1000 and pixels[..., :3].std() > 0.05  # four panels, with something drawn
+
+
+def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit) as exit_info:
+        rlino.main(["--plot", str(write_run(tmp_path / "a", "grpo", 0)), "--out", str(tmp_path / "f.png")])
+    assert exit_info.value.code == 2 and "pip install matplotlib" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- checkpoints and resume
+def comparable(metrics_line: dict) -> dict:
+    """A metrics line without the timings, which differ from run to run."""
+    return {k: v for k, v in metrics_line.items() if not k.startswith("time_") and k != "tokens_per_s"}
+
+
+def test_resume_continues_bit_for_bit(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(tasks.get_task("arith"), "reward", toy_reward)
+    run = [*TINY_RUN, "--algo", "grpo", "--model", str(tiny_dir), "--steps", "4", "--eval-size", "2"]
+    rlino.main([*run, "--out", str(tmp_path / "straight")])
+    rlino.main([*run, "--out", str(tmp_path / "split"), "--steps", "2"])
+    assert [p.name for p in rlino.checkpoint_paths(tmp_path / "split")] == ["step-2.pt"]
+    rlino.main(["--resume", str(tmp_path / "split"), "--steps", "4"])
+    lines = {name: [comparable(json.loads(x)) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+             for name in ("straight", "split")}
+    train_lines = {name: [{k: v for k, v in x.items() if not k.startswith("eval_")} for x in rows if x["step"] > 0]
+                   for name, rows in lines.items()}
+    assert [x["step"] for x in train_lines["split"]] == [1, 2, 3, 4]
+    assert train_lines["straight"] == train_lines["split"]
+    assert any(x["grad_norm"] > 0 for x in train_lines["split"][2:]), "the resumed steps must update"
+    straight = torch.load(rlino.checkpoint_paths(tmp_path / "straight")[-1], weights_only=False)["model"]
+    resumed = torch.load(rlino.checkpoint_paths(tmp_path / "split")[-1], weights_only=False)["model"]
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    with pytest.raises(SystemExit):  # a finished run is not trained again by accident
+        rlino.main(["--resume", str(tmp_path / "split")])
+
+
+def test_checkpoints_are_rotated_and_atomic(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(tasks.get_task("arith"), "reward", toy_reward)
+    out = tmp_path / "run"
+    rlino.main([*TINY_RUN, "--model", str(tiny_dir), "--out", str(out), "--steps", "3", "--save-every", "1",
+                "--keep-checkpoints", "2", "--eval-size", "1"])
+    assert [p.name for p in rlino.checkpoint_paths(out)] == ["step-2.pt", "step-3.pt"]
+    assert not list((out / "checkpoints").glob("*.tmp"))
+    state = torch.load(rlino.checkpoint_paths(out)[-1], weights_only=False)
+    assert {"model", "optimizer", "scheduler", "stream", "rng", "step"} <= state.keys() and state["step"] == 3
+
+
+def test_nonfinite_updates_are_skipped_then_stop(tiny_dir, tmp_path, monkeypatch):
+    calls = iter(range(10**6))
+    monkeypatch.setattr(tasks.get_task("arith"), "reward", lambda *a, **k: float(next(calls) % 2))  # mixed groups
+    monkeypatch.setattr(rlino, "fisft_token_loss", lambda logprobs, w: logprobs * float("nan"))
+    run = [*TINY_RUN, "--algo", "fisft+-", "--model", str(tiny_dir), "--eval-size", "1"]
+    rlino.main([*run, "--out", str(tmp_path / "a"), "--steps", "2", "--max-nonfinite", "3"])
+    lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()][1:]
+    assert [x["skipped_nonfinite"] for x in lines] == [1, 1] and lines[0]["loss"] is None  # NaN -> null in JSON
+    from transformers import AutoModelForCausalLM
+    before = AutoModelForCausalLM.from_pretrained(tiny_dir).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "model").state_dict()
+    assert all(torch.equal(before[n], after[n]) for n in before)  # every update skipped: no NaN in the weights
+    with pytest.raises(SystemExit) as exit_info:
+        rlino.main([*run, "--out", str(tmp_path / "b"), "--steps", "5", "--max-nonfinite", "2"])
+    assert "2 updates in a row had a non-finite loss or gradient" in str(exit_info.value.code)
+    assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 3  # eval at 0, then steps 1 and 2
+
+
+# --------------------------------------------------------------------------- the command line
+def run_cli(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(HERE / "rlino.py"), *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+def bad_data_dir(tmp_path: Path, lines: list[str]) -> Path:
+    (tmp_path / "gsm8k").mkdir(parents=True)
+    for split in ("train", "test"):
+        (tmp_path / "gsm8k" / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("case", ["task", "algo", "model", "unreadable", "no_fields", "run_exists", "steps"])
+def test_bad_input_is_one_line_and_exit_2(case, tiny_dir, tmp_path):
+    args = {"task": lambda: ["--task", "chess"],
+            "algo": lambda: ["--algo", "ppo"],
+            "model": lambda: ["--task", "arith", "--model", str(tmp_path / "no-such-model")],
+            "unreadable": lambda: ["--data-dir", str(bad_data_dir(tmp_path / "d", ["{not json"]))],
+            "no_fields": lambda: ["--data-dir", str(bad_data_dir(tmp_path / "d", ['{"q": 1}', '{"x": 2}']))],
+            "run_exists": lambda: ["--task", "arith", "--model", str(tiny_dir), "--out", str(HERE)],
+            "steps": lambda: ["--task", "arith", "--steps", "0"]}[case]()
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = [x for x in result.stderr.splitlines() if x.startswith("rlino: error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    print(case, "->", lines[0])
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_goes_on(tiny_dir, tmp_path):
+    import signal
+    out = tmp_path / "run"
+    args = ["--task", "arith", "--model", str(tiny_dir), "--steps", "200", "--prompts-per-step", "2",
+            "--group-size", "2", "--max-new-tokens", "4", "--eval-size", "1", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, str(HERE / "rlino.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    for line in proc.stdout:
+        if line.startswith("iter 2:"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == 0, rest
+    assert "continue with: python rlino.py --resume" in rest
+    stopped_at = rlino.checkpoint_paths(out)[-1]
+    step = int(stopped_at.stem.split("-")[1])
+    assert 2 <= step < 200
+    result = run_cli("--resume", str(out), "--steps", str(step + 2))
+    assert result.returncode == 0, result.stderr
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(step + 3)) and (out / "model" / "config.json").exists()
+
+
+# --------------------------------------------------------------------------- data parallel (torchrun, gloo)
+LAUNCHER = """
+import sys
+sys.path.insert(0, {here!r})
+import rlino, tasks, test_rlino
+tasks.get_task("arith").reward = test_rlino.toy_reward
+rlino.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("loss_agg", ["seq", "token"])
+def test_two_processes_equal_one_process(tiny_dir, tmp_path, loss_agg):
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(LAUNCHER.format(here=str(HERE)))
+    args = [*TINY_RUN, "--model", str(tiny_dir), "--prompts-per-step", "4", "--sample-batch", "2",
+            "--loss-agg", loss_agg, "--eval-size", "3", "--lr", "1e-3"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(launcher), *args, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(launcher), *args, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    print(two.stdout)
+    metrics = {n: [json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+               for n in ("one", "two")}
+    for a, b in zip(metrics["one"], metrics["two"]):
+        for key in ("reward_mean", "len_mean", "eval_accuracy", "eval_n"):
+            assert a.get(key) == b.get(key), key
+        assert a.get("loss", 0) == pytest.approx(b.get("loss", 0), rel=1e-4, abs=1e-7)
+    assert any(x.get("grad_norm", 0) > 0 for x in metrics["one"]), "the run must update"
+    from transformers import AutoModelForCausalLM
+    p1 = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "model").state_dict()
+    p2 = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "model").state_dict()
+    for name in p1:
+        torch.testing.assert_close(p1[name], p2[name], atol=1e-5, rtol=1e-4, msg=name)
