@@ -107,6 +107,7 @@ class Config:
     keep_checkpoints: int = arg(2, "checkpoints kept in the run folder")
     resume: str | None = arg(None, "run folder to continue from its latest checkpoint")
     plot: list | None = arg(None, "draw the curves of these run folders into --out (a PNG) and exit")
+    table: list | None = arg(None, "print a markdown table of these run folders (mean +- std over seeds) and exit")
 
 
 PRESETS = {
@@ -127,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        help_line = f.metadata["help"] + (" [device preset]" if f.default is None and f.name in PRESETS["cpu"] else "")
+        help_line = f.metadata["help"]
+        if f.name in PRESETS["cpu"]:
+            help_line += f" [preset: cpu {PRESETS['cpu'][f.name]}, cuda {PRESETS['cuda'][f.name]}]"
         if f.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_line)
         elif f.type == "list | None":
@@ -225,15 +228,15 @@ def load_model(name: str, device: torch.device):
             raise UsageError(f"model file not found: {name}")
         source, gguf_file = str(Path(name).parent), Path(name).name
     else:
-        looks_local = name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") != 1
+        looks_local = name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
         if looks_local and not Path(name).expanduser().is_dir():
             raise UsageError(f"model folder not found: {name}")
         source = str(Path(name).expanduser()) if looks_local else name
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
-    except OSError as err:
-        raise UsageError(f"cannot load model '{name}': {str(err).splitlines()[0]}") from None
+    except (OSError, ValueError) as err:  # not on the hub, offline, not a model folder
+        raise UsageError(f"cannot load model '{name}': {(str(err).splitlines() or [''])[0]}") from None
     if gguf_file is not None:
         model.hf_quantizer.remove_quantization_config(model)  # else save_pretrained refuses the dequantised model
     tokenizer.padding_side = "left"  # prompts end where completions start
@@ -253,7 +256,10 @@ def dequantise_to(gguf_dir: Path, gguf_file: str, cache: Path) -> None:
     partial = cache.with_name(cache.name + f".tmp{os.getpid()}")
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    partial.replace(cache) if not cache.exists() else shutil.rmtree(partial)
+    if cache.exists():  # another process finished first
+        shutil.rmtree(partial)
+    else:
+        partial.replace(cache)
 
 
 def stop_token_ids(tokenizer, model) -> list[int]:
@@ -416,11 +422,11 @@ def score(task, completions: list[str], examples: list[dict], group_size: int, f
 
 # --------------------------------------------------------------------------- advantages
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
-    """Group-relative advantages, GRPO eq. (3): A_i = (r_i - mean_g r) / (std_g r + eps), population std.
+    """Group-relative advantages of GRPO (Shao et al. 2024): A_i = (r_i - mean_g r) / (std_g r + eps).
 
-    rewards: (B*G,) grouped contiguously by prompt. Returns (B*G,). With binary rewards and a fraction p of correct
-    samples in a group this is +sqrt((1-p)/p) for a correct sample and -sqrt(p/(1-p)) for a wrong one; an all-equal
-    group gives 0. scale=False skips the division by the std (Dr. GRPO).
+    rewards: (B*G,) grouped contiguously by prompt; std is the population std. Returns (B*G,). With binary rewards
+    and a fraction p of correct samples in a group this is +sqrt((1-p)/p) for a correct sample and -sqrt(p/(1-p))
+    for a wrong one; an all-equal group gives 0. scale=False skips the division by the std (Dr. GRPO).
     """
     groups = rewards.view(-1, group_size)                                   # (B, G)
     centred = groups - groups.mean(dim=1, keepdim=True)
@@ -430,7 +436,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
 
 
 def fisft_sample_weights(rewards: torch.Tensor, advantages: torch.Tensor, algo: str, mode: str) -> torch.Tensor:
-    """(B*G,) weights of the F-ISFT negative log-likelihood, paper sec. 4.
+    """(B*G,) weights of the F-ISFT negative log-likelihood (the paper's Filtered Iterative SFT).
 
     F-ISFT+ keeps the correct samples (likelihood up), F-ISFT- the incorrect ones (likelihood down), F-ISFT+- both.
     mode 'adv' weights them by their group advantage, which makes F-ISFT+- and GRPO the same update under the
@@ -472,7 +478,7 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 
 
 def grpo_token_loss(logprobs, old_logprobs, advantages, clip_eps, clip_eps_high):
-    """Per-token clipped surrogate, GRPO eq. (2): -min(rho A, clip(rho, 1-eps, 1+eps_high) A), rho = pi/pi_old.
+    """Per-token clipped surrogate of GRPO (PPO-style): -min(rho A, clip(rho, 1-eps, 1+eps_high) A), rho = pi/pi_old.
 
     logprobs, old_logprobs: (N, T); advantages: (N,). Returns the (N, T) loss and where the clip is active.
     With one pass over fresh samples old_logprobs = logprobs.detach(): rho == 1, and the gradient is -A grad log pi.
@@ -763,32 +769,36 @@ def collect_rollouts(model, tokenizer, task, examples: list[dict], cfg: Config, 
     return concat_rollouts(parts, stop_ids[0])
 
 
+def halving_on_oom(cfg: Config, name: str, work):
+    """work(), redone with cfg.<name> halved after each CUDA out-of-memory error; gives up only at 1."""
+    while True:
+        try:
+            return work()
+        except torch.cuda.OutOfMemoryError:
+            if getattr(cfg, name) == 1:
+                raise
+            setattr(cfg, name, getattr(cfg, name) // 2)
+            torch.cuda.empty_cache()
+            print(f"CUDA out of memory: retrying with --{name.replace('_', '-')} {getattr(cfg, name)}", flush=True)
+
+
 def optimise(ddp_model, model, ref_model, optimizer, rollout: Rollout, advantages, sample_weights, cfg: Config,
              amp, world: int) -> dict:
     """cfg.ppo_epochs optimizer steps on one batch of rollouts. The old log-probs are computed only when mu > 1
     (with mu = 1 they equal the current ones: ratio == 1); the reference's only when beta > 0. On a non-finite
-    loss or gradient the step is skipped. On CUDA out of memory the micro-batch is halved and the step redone."""
-    while True:
-        try:
-            model.train()
-            old_logprobs = rollout_logprobs(model, rollout, cfg.micro_batch, amp) if cfg.ppo_epochs > 1 else None
-            ref_logprobs = rollout_logprobs(ref_model, rollout, cfg.micro_batch, amp) if ref_model else None
-            for _ in range(cfg.ppo_epochs):
-                stats = update(ddp_model, optimizer, rollout, advantages, sample_weights, old_logprobs,
-                               ref_logprobs, cfg, amp, world)
-                stats["finite"] = math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])
-                if not stats["finite"]:
-                    optimizer.zero_grad(set_to_none=True)
-                    break
-                optimizer.step()
-            return stats
-        except torch.cuda.OutOfMemoryError:
+    loss or gradient the step is skipped."""
+    model.train()
+    old_logprobs = rollout_logprobs(model, rollout, cfg.micro_batch, amp) if cfg.ppo_epochs > 1 else None
+    ref_logprobs = rollout_logprobs(ref_model, rollout, cfg.micro_batch, amp) if ref_model else None
+    for _ in range(cfg.ppo_epochs):
+        stats = update(ddp_model, optimizer, rollout, advantages, sample_weights, old_logprobs, ref_logprobs, cfg,
+                       amp, world)
+        stats["finite"] = math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])
+        if not stats["finite"]:
             optimizer.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-            if cfg.micro_batch == 1:
-                raise
-            cfg.micro_batch //= 2
-            print(f"CUDA out of memory in the update: retrying with --micro-batch {cfg.micro_batch}", flush=True)
+            break
+        optimizer.step()
+    return stats
 
 
 def progress_line(step: int, m: dict) -> str:
@@ -823,7 +833,8 @@ def train(cfg: Config, device: torch.device, rank: int, world: int) -> Path:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     amp = autocast(device, cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel over all parameters, ~7x faster than the per-tensor loop on CPU (0.24 s vs 1.7 s for 135M)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
     stream, start_step, extra = PromptStream(len(train_set), cfg.seed), 0, {"nonfinite_in_a_row": 0}
     if cfg.resume:
@@ -860,16 +871,16 @@ def train(cfg: Config, device: torch.device, rank: int, world: int) -> Path:
             t0 = time.time()
             model.eval()
             examples = [train_set[i] for i in stream.take(cfg.prompts_per_step)[rank * per_rank:][:per_rank]]
-            rollout = collect_rollouts(model, tokenizer, task, examples, cfg, step, first_chunk, stop_ids, amp,
-                                       progress=main_process)
+            rollout = halving_on_oom(cfg, "sample_batch", lambda: collect_rollouts(
+                model, tokenizer, task, examples, cfg, step, first_chunk, stop_ids, amp, progress=main_process))
             texts = decode_completions(tokenizer, rollout)
             rewards = score(task, texts, examples, cfg.group_size, cfg.format_reward).to(device)  # (n,)
             advantages = group_advantages(rewards, cfg.group_size, scale=cfg.scale_adv)           # (n,)
             sample_weights = None if cfg.algo == "grpo" else \
                 fisft_sample_weights(rewards, advantages, cfg.algo, cfg.fisft_weights)            # (n,)
             t1 = time.time()
-            stats = optimise(ddp_model, model, ref_model, optimizer, rollout, advantages, sample_weights, cfg,
-                             amp, world)
+            stats = halving_on_oom(cfg, "micro_batch", lambda: optimise(
+                ddp_model, model, ref_model, optimizer, rollout, advantages, sample_weights, cfg, amp, world))
             scheduler.step()
             extra["nonfinite_in_a_row"] = 0 if stats["finite"] else extra["nonfinite_in_a_row"] + 1
             t2 = time.time()
@@ -927,6 +938,50 @@ def eval_only(cfg: Config, device: torch.device, rank: int, world: int) -> dict:
     return result
 
 
+# --------------------------------------------------------------------------- reading runs: tables and plots
+def read_run(run_dir: str) -> tuple[dict, list[dict]]:
+    """A run folder's config and metrics lines."""
+    run = Path(run_dir)
+    if not (run / "config.json").exists() or not (run / "metrics.jsonl").exists():
+        raise UsageError(f"{run}: not a run folder (no config.json and metrics.jsonl)")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return json.loads((run / "config.json").read_text()), rows
+
+
+def mean_std(values: list) -> str:
+    """'mean +- std' over seeds (sample std), or '-' when there is nothing to average."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.3f}"
+
+
+def results_table(run_dirs: list[str]) -> str:
+    """Markdown table, one row per (task, model, algo, loss-agg) over its runs (seeds): eval accuracy before and
+    after training, and the length of incorrect answers, in training (first and last step) and at the final eval."""
+    groups = {}
+    for run in run_dirs:
+        cfg, rows = read_run(run)
+        evals = [r for r in rows if r.get("eval_accuracy") is not None]
+        steps = [r for r in rows if "reward_mean" in r]
+        if not evals or not steps:
+            raise UsageError(f"{run}: no evaluation or no training step logged yet")
+        key = (cfg["task"], cfg["model"], cfg["algo"], cfg["loss_agg"])
+        groups.setdefault(key, []).append({
+            "start": evals[0]["eval_accuracy"], "end": evals[-1]["eval_accuracy"],
+            "gain": evals[-1]["eval_accuracy"] - evals[0]["eval_accuracy"],
+            "wrong_first": steps[0].get("len_incorrect"), "wrong_last": steps[-1].get("len_incorrect"),
+            "wrong_eval": evals[-1].get("eval_len_incorrect"), "right_eval": evals[-1].get("eval_len_correct")})
+    lines = ["| task | model | algo | loss-agg | seeds | eval acc. start | eval acc. end | gain | "
+             "train len wrong, first step | last step | eval len wrong | eval len right |",
+             "|" + " --- |" * 12]
+    for (task, model, algo, agg), runs in sorted(groups.items()):
+        cells = [mean_std([r[k] for r in runs]) for k in
+                 ("start", "end", "gain", "wrong_first", "wrong_last", "wrong_eval", "right_eval")]
+        lines.append(f"| {task} | {Path(model).name} | {algo} | {agg} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_runs(run_dirs: list[str], out_png: str) -> None:
     """One line per run (algo, loss-agg, seed): eval accuracy, reward, and lengths of correct / incorrect answers."""
     try:
@@ -939,11 +994,7 @@ def plot_runs(run_dirs: list[str], out_png: str) -> None:
               ("len_correct", "length of correct answers"), ("len_incorrect", "length of incorrect answers")]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     for run in run_dirs:
-        run = Path(run)
-        if not (run / "metrics.jsonl").exists():
-            raise UsageError(f"--plot {run}: no metrics.jsonl there")
-        run_cfg = json.loads((run / "config.json").read_text())
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        run_cfg, rows = read_run(run)
         label = f"{run_cfg['algo']} {run_cfg['loss_agg']} seed {run_cfg['seed']}"
         for ax, (key, title) in zip(axes, panels):
             points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
@@ -964,6 +1015,8 @@ def main(argv: list[str] | None = None):
     try:
         if cfg.plot:
             return plot_runs(cfg.plot, cfg.out or "runs.png")
+        if cfg.table:
+            return print(results_table(cfg.table))
         if cfg.resume:  # a resumed run keeps its own config; only --resume and --steps may change
             saved = json.loads((Path(cfg.resume) / "config.json").read_text()) \
                 if (Path(cfg.resume) / "config.json").exists() else {}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# rlino's commands:  ./run.sh setup | test | demo | bench | toy
+# rlino's commands:  ./run.sh setup | test | demo | toy | paper ROW | bench
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${VENV:-.venv}
@@ -15,6 +15,46 @@ case "${1:-}" in
     "$VENV/bin/python" -m pytest -q test_rlino.py "${@:2}" ;;
   demo)   # the main job: GRPO on GSM8K with the CPU preset, offline, on the embedded model
     "$VENV/bin/python" rlino.py --algo grpo --task gsm8k "${@:2}" ;;
+  toy)    # the CPU-scale experiment (under an hour on 2 cores): does each algorithm learn, how close are GRPO and
+          # F-ISFT+-, and what does the loss aggregation do to the length of wrong answers? Finished runs are kept.
+    out=${TOY_DIR:-runs/toy}
+    mkdir -p "$out"
+    common=(--task arith --model smollm2 --steps 8 --prompts-per-step 4 --group-size 4 --max-new-tokens 96
+            --temperature 1.0 --lr 1e-5 --eval-size 48 --eval-batch 24 --eval-every 4 "${@:2}")
+    runs=()
+    for seed in 0 1 2; do
+      for spec in grpo:seq fisft+:seq fisft+-:seq grpo:token grpo:const; do
+        algo=${spec%%:*}; agg=${spec##*:}; dir="$out/$algo-$agg-s$seed"
+        runs+=("$dir")
+        [ -f "$dir/eval.json" ] && continue
+        rm -rf "$dir"
+        "$VENV/bin/python" rlino.py "${common[@]}" --algo "$algo" --loss-agg "$agg" --seed "$seed" --out "$dir" \
+          2>&1 | grep -E "^(iter|eval|done)"
+      done
+    done
+    "$VENV/bin/python" rlino.py --table "${runs[@]}" | tee "$out/results.md"
+    "$VENV/bin/python" rlino.py --plot "${runs[@]}" --out "$out/toy.png" ;;
+  paper)  # one row of the paper's table (GPU, the cuda preset = the paper's settings), e.g. ./run.sh paper qwen05-gsm8k
+          # runs GRPO, F-ISFT+ and F-ISFT+- one after the other into ${PAPER_DIR:-runs/paper}/<row>-<algo>, then the table
+    declare -A rows=(  # model, task, prompt format (the paper trained Qwen2.5 base models and Llama-3.2 instruct)
+      [qwen05-gsm8k]="Qwen/Qwen2.5-0.5B gsm8k plain"         [qwen15-gsm8k]="Qwen/Qwen2.5-1.5B gsm8k plain"
+      [qwen05-countdown]="Qwen/Qwen2.5-0.5B countdown plain" [qwen15-countdown]="Qwen/Qwen2.5-1.5B countdown plain"
+      [llama1b-gsm8k]="meta-llama/Llama-3.2-1B-Instruct gsm8k chat"
+      [llama3b-gsm8k]="meta-llama/Llama-3.2-3B-Instruct gsm8k chat"
+      [qwen05-math]="Qwen/Qwen2.5-0.5B math plain"           [qwen15-math]="Qwen/Qwen2.5-1.5B math plain")
+    row=${2:-}
+    if [ -z "$row" ] || [ -z "${rows[$row]:-}" ]; then
+      echo "usage: ./run.sh paper ROW [extra arguments]; ROW is one of: ${!rows[*]}"; exit 2
+    fi
+    read -r model task format <<< "${rows[$row]}"
+    root=${PAPER_DIR:-runs/paper}
+    dirs=()
+    for algo in grpo fisft+ fisft+-; do
+      dirs+=("$root/$row-$algo")
+      "$VENV/bin/python" rlino.py --model "$model" --task "$task" --prompt-format "$format" --algo "$algo" \
+        --out "$root/$row-$algo" "${@:3}"
+    done
+    "$VENV/bin/python" rlino.py --table "${dirs[@]}" ;;
   *)
-    echo "usage: ./run.sh setup | test | demo  [extra arguments]"; exit 2 ;;
+    echo "usage: ./run.sh setup | test | demo | toy | paper ROW  [extra arguments]"; exit 2 ;;
 esac

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import rlino
 import tasks
@@ -288,9 +289,66 @@ def test_non_string_inputs_score_zero():
 
 
 def test_no_eval_exec_compile_in_source():
-    source = open(tasks.__file__, encoding="utf-8").read()
-    for banned in ("eval(", "exec(", "compile("):
-        assert banned not in source
+    for module in (tasks, rlino):
+        source = open(module.__file__, encoding="utf-8").read()
+        for banned in ("eval(", "exec(", "compile("):
+            assert not re.search(r"(?<![\w.])" + re.escape(banned), source), (module.__name__, banned)
+
+
+def test_no_code_path_turns_model_text_into_code(monkeypatch):
+    """Run every verifier with eval / exec / compile booby-trapped: only ast.parse's parse-only compile may run."""
+    import ast
+    import builtins
+    real_compile = builtins.compile
+
+    def parse_only(source, filename, mode, flags=0, *args, **kwargs):
+        assert flags & ast.PyCF_ONLY_AST, "compile() to code was called on model text"
+        return real_compile(source, filename, mode, flags, *args, **kwargs)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("eval/exec was called on model text")
+
+    monkeypatch.setattr(builtins, "compile", parse_only)
+    monkeypatch.setattr(builtins, "eval", forbidden)
+    monkeypatch.setattr(builtins, "exec", forbidden)
+    for completion in ADVERSARIAL[:12] + ["<answer>__import__('os').system('touch /tmp/pwned')</answer>",
+                                          "<answer>(79 + 17) - 60</answer>", "\\boxed{\\frac{1}{2}}"]:
+        for name, example in (("gsm8k", GSM8K), ("math", MATH), ("countdown", COUNTDOWN)):
+            assert get_task(name).reward(completion, example) in (0.0, 1.0)
+
+
+# --------------------------------------------------------------------------------------------- fuzzing
+FRAGMENTS = ["\\boxed{", "\\fbox{", "}", "{", "<answer>", "</answer>", "<think>", "####", "The answer is", "(", ")",
+             "\\frac", "\\sqrt", "^", "_", "-", "+", "*", "/", "**", "=", ",", ".", "$", "%", "\\left(", "\\right)",
+             "\\text{", "\\pi", "x", "i", "e", " ", "\n", "١٢", "٣", "²", "½", "∞", "9" * 40, "1e308", "nan", "inf",
+             "__import__('os')", "lambda: 0", "\\dfrac{", "\\infty", "10^{10^{10}}"]
+fuzz_text = st.one_of(
+    st.text(max_size=300),                                                   # random unicode
+    st.lists(st.sampled_from(FRAGMENTS), max_size=80).map("".join),          # near-miss formats
+    st.tuples(st.sampled_from(FRAGMENTS), st.integers(1, 20_000)).map(lambda t: t[0] * t[1]),  # deep nesting
+    st.integers(-10**60, 10**60).map(lambda n: f"\\boxed{{{n}}} <answer>{n}</answer> #### {n}"),  # huge numbers
+    st.builds(lambda a, b: a + "x" * 100_000 + b, st.sampled_from(FRAGMENTS), st.sampled_from(FRAGMENTS)),  # 100 kB
+)
+FUZZ_STATS = {"examples": 0, "slowest": 0.0}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(completion=fuzz_text, nums=st.lists(st.integers(-5, 200), min_size=0, max_size=5),
+       target=st.integers(-100, 10_000))
+def test_fuzz_verifiers_never_raise_are_fast_and_binary(completion, nums, target):
+    examples = {"gsm8k": GSM8K, "math": MATH, "countdown": {"nums": nums, "target": target}}
+    for name, example in examples.items():
+        start = time.perf_counter()
+        score = get_task(name).reward(completion, example)
+        elapsed = time.perf_counter() - start
+        FUZZ_STATS["examples"] += 1
+        FUZZ_STATS["slowest"] = max(FUZZ_STATS["slowest"], elapsed)
+        assert score in (0.0, 1.0) and elapsed < 1.0, (name, completion[:80], score, elapsed)
+
+
+def test_fuzz_report():
+    """Prints what the fuzz test saw (run with -s); runs after it in file order."""
+    print(f"fuzz: {FUZZ_STATS['examples']} verifier calls, slowest {FUZZ_STATS['slowest'] * 1000:.1f} ms")
 
 
 # ------------------------------------------------------------------------------------ gold self-verification
@@ -657,6 +715,12 @@ def toy_reward(completion: str, example: dict, format_reward: float = 0.0) -> fl
     return float(completion.count("a") % 2)
 
 
+def alternating_reward():
+    """A reward that alternates 1, 0, 1, ... call by call: every group is mixed, every row has an advantage."""
+    calls = iter(range(10**9))
+    return lambda completion, example, format_reward=0.0: float(next(calls) % 2 == 0)
+
+
 TINY_RUN = ["--task", "arith", "--steps", "2", "--prompts-per-step", "2", "--group-size", "4",
             "--max-new-tokens", "12", "--lr", "1e-2", "--eval-size", "4", "--micro-batch", "3"]
 STEP_KEYS = {"step", "reward_mean", "loss", "grad_norm", "lr", "len_mean", "len_correct", "len_incorrect",
@@ -726,8 +790,9 @@ def test_eval_only_writes_accuracy_pass_at_k_and_lengths(tiny_dir, tmp_path):
 
 def write_run(folder: Path, algo: str, seed: int, steps: int = 5) -> Path:
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"algo": algo, "loss_agg": "seq", "seed": seed}))
-    rows = [{"step": s, "reward_mean": 0.1 * s, "len_correct": 50 + s, "len_incorrect": 80 + 3 * s,
+    (folder / "config.json").write_text(json.dumps({"algo": algo, "loss_agg": "seq", "seed": seed,
+                                                    "task": "arith", "model": "smollm2"}))
+    rows = [{"step": s, **({"reward_mean": 0.1 * s, "len_correct": 50 + s, "len_incorrect": 80 + 3 * s} if s else {}),
              **({"eval_accuracy": 0.2 + 0.05 * s} if s % 2 == 0 else {})} for s in range(steps)]
     rows[1]["len_correct"] = None  # a step with no correct answer
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -745,6 +810,18 @@ def test_plot_draws_a_png_from_run_folders(tmp_path):
     from matplotlib import image
     pixels = image.imread(png)
     assert pixels.shape[1] > 1000 and pixels[..., :3].std() > 0.05  # four panels, with something drawn
+
+
+def test_results_table_averages_over_seeds(tmp_path, capsys):
+    runs = [str(write_run(tmp_path / f"{algo}{seed}", algo, seed, steps=3 + seed))
+            for algo in ("grpo", "fisft+-") for seed in (0, 1)]
+    rlino.main(["--table", *runs])
+    table = capsys.readouterr().out.strip().splitlines()
+    assert len(table) == 4 and table[2].startswith("| arith | smollm2 | fisft+- | seq | 2 |")
+    # both seeds evaluate last at step 2: accuracy 0.20 -> 0.30; wrong answers 83 long at step 1, 86 and 89 at the end
+    cells = [c.strip() for c in table[3].split("|")[1:-1]]
+    assert cells[2] == "grpo" and cells[5:8] == ["0.200 ± 0.000", "0.300 ± 0.000", "0.100 ± 0.000"]
+    assert cells[8:11] == ["83.000 ± 0.000", "87.500 ± 2.121", "-"]
 
 
 def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch, capsys):
@@ -794,8 +871,7 @@ def test_checkpoints_are_rotated_and_atomic(tiny_dir, tmp_path, monkeypatch):
 
 
 def test_nonfinite_updates_are_skipped_then_stop(tiny_dir, tmp_path, monkeypatch):
-    calls = iter(range(10**6))
-    monkeypatch.setattr(tasks.get_task("arith"), "reward", lambda *a, **k: float(next(calls) % 2))  # mixed groups
+    monkeypatch.setattr(tasks.get_task("arith"), "reward", alternating_reward())
     monkeypatch.setattr(rlino, "fisft_token_loss", lambda logprobs, w: logprobs * float("nan"))
     run = [*TINY_RUN, "--algo", "fisft+-", "--model", str(tiny_dir), "--eval-size", "1"]
     rlino.main([*run, "--out", str(tmp_path / "a"), "--steps", "2", "--max-nonfinite", "3"])
@@ -809,6 +885,35 @@ def test_nonfinite_updates_are_skipped_then_stop(tiny_dir, tmp_path, monkeypatch
         rlino.main([*run, "--out", str(tmp_path / "b"), "--steps", "5", "--max-nonfinite", "2"])
     assert "2 updates in a row had a non-finite loss or gradient" in str(exit_info.value.code)
     assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 3  # eval at 0, then steps 1 and 2
+
+
+def test_cuda_out_of_memory_halves_the_batch_until_it_fits(tiny_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tasks.get_task("arith"), "reward", alternating_reward())
+    real_logprobs, real_sample = rlino.completion_logprobs, rlino.sample
+
+    def logprobs_fitting_two_rows(model, rows, amp):
+        if rows.completion_ids.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_logprobs(model, rows, amp)
+
+    def sample_fitting_one_prompt(model, prompts, *args, **kwargs):
+        if len(prompts) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_sample(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(rlino, "completion_logprobs", logprobs_fitting_two_rows)
+    monkeypatch.setattr(rlino, "sample", sample_fitting_one_prompt)
+    out = tmp_path / "run"
+    rlino.main([*TINY_RUN, "--model", str(tiny_dir), "--out", str(out), "--micro-batch", "8", "--sample-batch", "2",
+                "--eval-size", "1", "--eval-batch", "1"])
+    printed = capsys.readouterr().out
+    assert "retrying with --sample-batch 1" in printed
+    assert "retrying with --micro-batch 4" in printed and "retrying with --micro-batch 2" in printed
+    assert (out / "model").exists()
+    monkeypatch.setattr(rlino, "sample", lambda *a, **k: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("x")))
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # at 1 it gives up
+        rlino.main([*TINY_RUN, "--model", str(tiny_dir), "--out", str(tmp_path / "b"), "--sample-batch", "1",
+                    "--eval-size", "1", "--eval-batch", "1"])
 
 
 # --------------------------------------------------------------------------- the command line
