@@ -19,8 +19,8 @@ case "${1:-}" in
           # F-ISFT+-, and what does the loss aggregation do to the length of wrong answers? Finished runs are kept.
     out=${TOY_DIR:-runs/toy}
     mkdir -p "$out"
-    common=(--task arith --model smollm2 --steps 8 --prompts-per-step 4 --group-size 4 --max-new-tokens 96
-            --temperature 1.0 --lr 1e-5 --eval-size 48 --eval-batch 24 --eval-every 4 "${@:2}")
+    common=(--task arith --model smollm2 --steps 12 --prompts-per-step 4 --group-size 4 --max-new-tokens 48
+            --temperature 0.7 --lr 1e-5 --eval-size 100 --eval-batch 50 --eval-every 0 "${@:2}")
     runs=()
     for seed in 0 1 2; do
       for spec in grpo:seq fisft+:seq fisft+-:seq grpo:token grpo:const; do

@@ -18,7 +18,7 @@ as <dir>/<task>/<split>.jsonl is used when given; otherwise the Hugging Face hub
                                               hub test: HuggingFaceH4/MATH-500
   countdown  nums, target                     test: Jiayi-Pan/Countdown-Tasks-3to4 rows 327680-328703 (TinyZero's split);
                                               train: always generated offline, disjoint from the test set
-  arith      question, answer ("95")          synthetic sums and differences ("What is 37 + 58?"), generated offline
+  arith      question, answer ("21")          synthetic sums and differences of 1..20 ("What is 13 + 8?"), offline
 
 The verifiers fail closed: they never raise, never evaluate model text as code (no eval/exec), and return within
 about a second whatever the text. MATH answers are compared as normalised strings, then by value with a small LaTeX
@@ -609,16 +609,20 @@ class Countdown(Task):
 
 # ------------------------------------------------------------------------------------------------ arith (synthetic)
 class Arith(GSM8K):
-    """SYNTHETIC toy task for CPU experiments, not a benchmark: 'What is 37 + 58?' / 'What is 12 - 40?' with two
-    numbers in 1..99. All 19,602 problems are split once by a fixed seed: 500 test, the rest train (shuffled by
-    `seed`), so the splits are disjoint. Scored like GSM8K: the answer field is the number itself ('95', '-28')."""
+    """SYNTHETIC toy task for CPU experiments, not a benchmark: 'What is 13 + 8?' / 'What is 7 - 19?' with two
+    numbers in 1..20, small enough that SmolLM2-135M gets about one in five right and can learn from its own samples.
+    All 800 problems are split once by a fixed seed: 200 test, 600 train (shuffled by `seed`), so the splits are
+    disjoint. It asks for the bare number and is scored like GSM8K: the answer field is the number ('21', '-12')."""
 
     name = "arith"
 
+    def instruction(self, example):
+        return f"{example['question']} Answer with just the number."
+
     def _records(self, split, data_dir, limit, seed):
-        problems = [(a, op, b) for a in range(1, 100) for op in "+-" for b in range(1, 100)]
+        problems = [(a, op, b) for a in range(1, 21) for op in "+-" for b in range(1, 21)]
         random.Random(1234).shuffle(problems)
-        chosen = problems[:500] if split == "test" else problems[500:]
+        chosen = problems[:200] if split == "test" else problems[200:]
         if split == "train":
             random.Random(seed).shuffle(chosen)
         return [{"question": f"What is {a} {op} {b}?", "answer": str(a + b if op == "+" else a - b)}

@@ -451,13 +451,15 @@ def test_solve_countdown():
 def test_arith_is_synthetic_seeded_and_disjoint():
     task = get_task("arith")
     test, train = task.load("test"), task.load("train")
-    assert len(test) == 500 and len(train) == 2 * 99 * 99 - 500
+    assert len(test) == 200 and len(train) == 2 * 20 * 20 - 200
     assert not {p["question"] for p in test} & {p["question"] for p in train}
     assert task.load("train", seed=5, limit=50) == task.load("train", seed=5, limit=50) != task.load("train", limit=50)
     for p in test[:50]:
         a, op, b = re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?", p["question"]).groups()
         assert int(p["answer"]) == (int(a) + int(b) if op == "+" else int(a) - int(b))
         assert task.reward(f"so \\boxed{{{p['answer']}}}", p) == 1.0
+        assert task.reward(f"{a} {op} {b} = {p['answer']}", p) == 1.0  # the bare answer it asks for
+    assert get_task("arith").prompt_messages(test[0])[0]["content"].endswith("Answer with just the number.")
 
 
 # ----------------------------------------------------------------------------------------------- data loading
@@ -603,6 +605,24 @@ def test_grpo_gradient_equals_fisft_pm_gradient(tiny, loss_agg):
         torch.testing.assert_close(grad_grpo[name], grad_fisft[name], msg=name)
     assert grpo["grad_norm"] > 0 and grpo["clip_frac"] == 0.0
     assert fisft["grad_norm"] == pytest.approx(grpo["grad_norm"], rel=1e-5)  # the loss values differ; not the update
+
+
+@pytest.mark.parametrize("algo", rlino.ALGOS)
+def test_an_update_raises_good_samples_and_lowers_bad_ones(tiny, algo):
+    """The sign of the whole thing: one small SGD step makes rewarded completions likelier, unrewarded ones less."""
+    model, _ = tiny
+    rollout = random_rollout()
+    rewards = torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1, 1, 1, 1, 0])
+    adv = rlino.group_advantages(rewards, 4)
+    weights = None if algo == "grpo" else rlino.fisft_sample_weights(rewards, adv, algo, "adv")
+    amp = rlino.contextlib.nullcontext()
+    before = (rlino.rollout_logprobs(model, rollout, 12, amp) * rollout.completion_mask).sum(-1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    rlino.update(model, opt, rollout, adv, weights, None, None, resolved(max_new_tokens=12, max_grad_norm=1e9), amp, 1)
+    opt.step()
+    change = (rlino.rollout_logprobs(model, rollout, 12, amp) * rollout.completion_mask).sum(-1) - before
+    trained = adv != 0 if weights is None else weights != 0
+    assert (change[trained & (adv > 0)] > 0).all() and (change[trained & (adv < 0)] < 0).all(), change
 
 
 def test_micro_batching_does_not_change_the_gradient(tiny):
