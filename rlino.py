@@ -742,8 +742,9 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(json_safe(record), default=str) + "\n")
 
 
-def prepare_run_dir(cfg: Config) -> Path:
-    """The run folder: a new one, never overwriting a run, or the one given to --resume."""
+def prepare_run_dir(cfg: Config, check: bool = True) -> Path:
+    """The run folder: a new one, never overwriting a run, or the one given to --resume. Only rank 0 checks (the
+    others would race with it creating the folder); if it refuses, torchrun stops them all."""
     if cfg.resume:
         run_dir = Path(cfg.resume)
         if not (run_dir / "config.json").exists():
@@ -751,7 +752,7 @@ def prepare_run_dir(cfg: Config) -> Path:
         return run_dir
     default = f"runs/{cfg.task}-{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.out or default)
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if check and run_dir.exists() and any(run_dir.iterdir()):
         raise UsageError(f"run folder {run_dir} already exists; choose another --out or continue it with --resume")
     return run_dir
 
@@ -812,7 +813,7 @@ def progress_line(step: int, m: dict) -> str:
 def train(cfg: Config, device: torch.device, rank: int, world: int) -> Path:
     """The training loop: sample, score, advantages, update; evaluate, log and checkpoint as configured."""
     main_process = rank == 0
-    run_dir = prepare_run_dir(cfg)
+    run_dir = prepare_run_dir(cfg, check=main_process)
     task = tasks.get_task(cfg.task)
     if cfg.prompts_per_step % world:
         raise UsageError(f"--prompts-per-step {cfg.prompts_per_step} must divide evenly over {world} ranks")
@@ -993,13 +994,17 @@ def plot_runs(run_dirs: list[str], out_png: str) -> None:
     panels = [("eval_accuracy", "eval accuracy"), ("reward_mean", "train reward"),
               ("len_correct", "length of correct answers"), ("len_incorrect", "length of incorrect answers")]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    colours, styles = {}, {}  # one colour per (algo, loss-agg), one line style per seed
     for run in run_dirs:
         run_cfg, rows = read_run(run)
-        label = f"{run_cfg['algo']} {run_cfg['loss_agg']} seed {run_cfg['seed']}"
+        variant = f"{run_cfg['algo']} {run_cfg['loss_agg']}"
+        colour = colours.setdefault(variant, f"C{len(colours) % 10}")
+        style = styles.setdefault(run_cfg["seed"], ("-", "--", ":", "-.")[len(styles) % 4])
         for ax, (key, title) in zip(axes, panels):
             points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
             if points:
-                ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+                ax.plot(*zip(*points), marker="o", markersize=3, color=colour, linestyle=style,
+                        label=f"{variant} seed {run_cfg['seed']}")
             ax.set_title(title)
             ax.set_xlabel("step")
     axes[0].legend(fontsize=8)

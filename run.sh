@@ -24,7 +24,7 @@ case "${1:-}" in
     runs=()
     for seed in 0 1 2; do
       for spec in grpo:seq fisft+:seq fisft+-:seq grpo:token grpo:const; do
-        algo=${spec%%:*}; agg=${spec##*:}; dir="$out/$algo-$agg-s$seed"
+        algo=${spec%%:*}; agg=${spec##*:}; dir="$out/${algo}_${agg}_s$seed"
         runs+=("$dir")
         [ -f "$dir/eval.json" ] && continue
         rm -rf "$dir"
@@ -55,6 +55,9 @@ case "${1:-}" in
         --out "$root/$row-$algo" "${@:3}"
     done
     "$VENV/bin/python" rlino.py --table "${dirs[@]}" ;;
+  bench)  # rlino against model.generate and TRL's GRPOTrainer (bench/README.md); --quick takes < 10 min on 2 cores
+    "$VENV/bin/pip" install -q -r bench/requirements.txt
+    "$VENV/bin/python" bench/bench.py "${@:2}" ;;
   *)
-    echo "usage: ./run.sh setup | test | demo | toy | paper ROW  [extra arguments]"; exit 2 ;;
+    echo "usage: ./run.sh setup | test | demo | toy | paper ROW | bench  [extra arguments]"; exit 2 ;;
 esac
