@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -62,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="GRPO steps per side (default: 3 quick, 4 full)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="as rlino's --dtype: auto = bf16 autocast on CUDA, fp32 on CPU; both trainers and the peak")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (lengths vary)")
     p.add_argument("--lr", type=float, default=5e-6, help="learning rate of both GRPO trainers")
     p.add_argument("--micro-batch", type=int, default=4, help="sequences per forward/backward, both trainers")
@@ -88,6 +91,12 @@ def clock(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+def compute_dtype(args) -> torch.dtype:
+    """The matmul dtype of the run: bf16 under rlino's autocast (CUDA by default, or --dtype bfloat16), else fp32."""
+    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and args.device.type == "cuda")
+    return torch.bfloat16 if bf16 else torch.float32
 
 
 def median_steady(times: list[float]) -> float:
@@ -126,7 +135,8 @@ def rlino_config(args, task_name: str, prompts_per_step: int, max_new_tokens: in
     cfg = rlino.Config(algo="grpo", task=task_name, model=args.model, seed=args.seed, device=args.device.type,
                        steps=args.size["steps"], prompts_per_step=prompts_per_step, group_size=args.size["group"],
                        sample_batch=prompts_per_step, max_new_tokens=max_new_tokens, temperature=args.temperature,
-                       lr=args.lr, micro_batch=args.micro_batch, loss_agg="seq", beta=0.0, ppo_epochs=1)
+                       lr=args.lr, micro_batch=args.micro_batch, loss_agg="seq", beta=0.0, ppo_epochs=1,
+                       dtype=args.dtype)
     return rlino.resolve_config(cfg, args.device)
 
 
@@ -263,11 +273,14 @@ def bench_trl_grpo(args, model, tokenizer, task, examples, cfg, use_chat: bool) 
             self.logs.append(dict(logs or {}))
 
     accumulation = B * G // args.micro_batch
+    # TRL sets `gradient_checkpointing`, which transformers 5.24 renamed: one FutureWarning per call, no effect
+    warnings.filterwarnings("ignore", message=".*checkpointing", category=FutureWarning)
     with tempfile.TemporaryDirectory() as out_dir:
         config = GRPOConfig(
             output_dir=out_dir, max_steps=cfg.steps, seed=args.seed, report_to="none", save_strategy="no",
             eval_strategy="no", logging_steps=1, disable_tqdm=True, use_cpu=args.device.type == "cpu",
-            bf16=args.device.type == "cuda", tf32=args.device.type == "cuda" or None, gradient_checkpointing=False,
+            bf16=compute_dtype(args) == torch.bfloat16, tf32=args.device.type == "cuda" or None,
+            gradient_checkpointing=False,
             per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=accumulation,  # B*G rows/step
             num_generations=G, max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0,
             learning_rate=cfg.lr, lr_scheduler_type="constant", weight_decay=cfg.weight_decay, warmup_steps=0,
@@ -341,7 +354,7 @@ def bench_mfu(args, model, rollout: rlino.Rollout, cfg, amp) -> dict:
         times.append(clock(args.device) - t0)
     optimizer.zero_grad(set_to_none=True)
     flops = update_flops(model, rollout)
-    dtype = torch.bfloat16 if args.device.type == "cuda" and cfg.dtype in ("auto", "bfloat16") else torch.float32
+    dtype = compute_dtype(args)
     peak = matmul_peak(args.device, dtype, args.peak_size or (8192 if args.device.type == "cuda" else 2048))
     achieved = flops / min(times)
     return {"rows": len(rows), "update_rows": stats["update_rows"], "tokens": int(rollout.prompt_mask.sum()
@@ -422,11 +435,13 @@ def main(argv=None) -> dict:
                "settings": {"model": "qwen-shaped (random)" if args.qwen_shaped else args.model, "task": task_name,
                             "size": "quick" if args.quick else "full", "seed": args.seed, **size,
                             "temperature": args.temperature, "lr": args.lr, "micro_batch": args.micro_batch,
+                            "dtype": str(compute_dtype(args)).removeprefix("torch."),
                             "reward": args.reward, "prompt_format": "chat" if use_chat else "plain",
                             "parameters": sum(p.numel() for p in model.parameters()),
                             "non_embedding_parameters": non_embedding_params(model)}}
     print(f"benchmark: {results['settings']['model']} ({results['settings']['parameters'] / 1e6:.0f}M parameters) "
-          f"on {args.device}, {os.cpu_count()} CPUs, task {task_name}, size {results['settings']['size']}", flush=True)
+          f"on {args.device} ({results['settings']['dtype']}), {os.cpu_count()} CPUs, task {task_name}, "
+          f"size {results['settings']['size']}", flush=True)
 
     prompts = rlino.encode_prompts(task, examples[:size["sampler_prompts"]], tokenizer, cfg.prompt_format)
     sampler_rollout = None
