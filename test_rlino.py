@@ -639,6 +639,22 @@ def test_micro_batching_does_not_change_the_gradient(tiny):
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4, msg=name)
 
 
+def test_gradient_checkpointing_gives_the_same_gradient(tiny):
+    model, _ = tiny
+    rollout = random_rollout()
+    adv = rlino.group_advantages(torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1, 1, 1, 1, 0]), 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    cfg, amp = resolved(max_new_tokens=12, micro_batch=6, max_grad_norm=1e9), rlino.contextlib.nullcontext()
+    model.train()
+    rlino.update(model, opt, rollout, adv, None, None, None, cfg, amp, world=1)
+    plain = gradients(model)
+    model.activation_checkpointing_enable()  # what --grad-ckpt turns on
+    rlino.update(model, opt, rollout, adv, None, None, None, cfg, amp, world=1)
+    assert model.is_activation_checkpointing
+    for name, grad in gradients(model).items():
+        torch.testing.assert_close(grad, plain[name], msg=name)
+
+
 # --------------------------------------------------------------------------- (c) clipping and KL
 @pytest.mark.parametrize("advantage,ratio,grad_flows", [
     (1.0, 1.5, False),   # A > 0, ratio above 1 + eps: clipped, no gradient

@@ -3,7 +3,7 @@ and the update's FLOP/s against a matmul peak measured in the same run. rlino.py
 
 Run it (from the repository root, in the venv; `pip install -r bench/requirements.txt` adds TRL):
     python bench/bench.py --quick                       # < 10 minutes on 2 CPU cores, embedded SmolLM2-135M
-    python bench/bench.py --json bench.json             # the full size (about an hour on 2 cores)
+    python bench/bench.py --json bench.json             # the full size (~30 min on 2 cores, estimated)
     python bench/bench.py --device cuda --qwen-shaped   # a Qwen2.5-0.5B-shaped model with random weights, on a GPU
 
 Three measurements, one table, and every figure in --json:
