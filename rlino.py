@@ -757,10 +757,11 @@ def prepare_run_dir(cfg: Config, check: bool = True) -> Path:
     return run_dir
 
 
-def collect_rollouts(model, tokenizer, task, examples: list[dict], cfg: Config, step: int, first_chunk: int,
+def collect_rollouts(model, tokenizer, task, examples: list[dict], cfg: Config, step: int, rank: int,
                      stop_ids: list[int], amp, progress: bool) -> Rollout:
     """This rank's rollouts: G completions for each example, in sampler calls of cfg.sample_batch prompts.
     Call c draws from the RNG of chunk first_chunk + c of the step, so the samples do not depend on the ranks."""
+    first_chunk = rank * math.ceil(len(examples) / cfg.sample_batch)  # this rank's first sampler chunk in the step
     parts = []
     for c, start in enumerate(range(0, len(examples), cfg.sample_batch)):
         prompts = encode_prompts(task, examples[start:start + cfg.sample_batch], tokenizer, cfg.prompt_format)
@@ -851,7 +852,6 @@ def train(cfg: Config, device: torch.device, rank: int, world: int) -> Path:
         print(f"run folder: {run_dir}  |  {len(train_set)} train / {len(eval_set)} eval problems  |  "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters on {device}", flush=True)
     per_rank = cfg.prompts_per_step // world
-    first_chunk = rank * math.ceil(per_rank / cfg.sample_batch)  # this rank's first sampler chunk in the step
 
     def run_eval(step: int) -> dict:
         result = evaluate(model, tokenizer, task, eval_set, cfg, amp, rank, world, stop_ids)
@@ -873,7 +873,7 @@ def train(cfg: Config, device: torch.device, rank: int, world: int) -> Path:
             model.eval()
             examples = [train_set[i] for i in stream.take(cfg.prompts_per_step)[rank * per_rank:][:per_rank]]
             rollout = halving_on_oom(cfg, "sample_batch", lambda: collect_rollouts(
-                model, tokenizer, task, examples, cfg, step, first_chunk, stop_ids, amp, progress=main_process))
+                model, tokenizer, task, examples, cfg, step, rank, stop_ids, amp, progress=main_process))
             texts = decode_completions(tokenizer, rollout)
             rewards = score(task, texts, examples, cfg.group_size, cfg.format_reward).to(device)  # (n,)
             advantages = group_advantages(rewards, cfg.group_size, scale=cfg.scale_adv)           # (n,)
