@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
+from transformers import DynamicCache
 
 import rlino
 import tasks
@@ -625,6 +626,22 @@ def test_an_update_raises_good_samples_and_lowers_bad_ones(tiny, algo):
     assert (change[trained & (adv > 0)] > 0).all() and (change[trained & (adv < 0)] < 0).all(), change
 
 
+def test_completion_logprobs_equal_a_full_forward(tiny):
+    """The LM head only on the positions that predict completion tokens gives the log-probs of a plain forward over
+    every position, and 0 after each completion's end."""
+    model, _ = tiny
+    rollout = random_rollout()
+    logprobs = rlino.completion_logprobs(model, rollout, rlino.contextlib.nullcontext())           # (N, T)
+    input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
+    attention = torch.cat([rollout.prompt_mask, rollout.completion_mask.long()], 1)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention, position_ids=rlino.positions(attention)).logits
+    P = rollout.prompt_ids.shape[1]
+    full = torch.log_softmax(logits[:, P - 1:-1].float(), -1).gather(-1, rollout.completion_ids[..., None])[..., 0]
+    torch.testing.assert_close(logprobs, full * rollout.completion_mask)
+    assert (logprobs[rollout.completion_mask == 0] == 0).all() and (rollout.completion_mask == 0).any()
+
+
 def test_micro_batching_does_not_change_the_gradient(tiny):
     model, _ = tiny
     rollout = random_rollout()
@@ -745,6 +762,87 @@ def test_top_p_keeps_only_the_nucleus():
     assert drawn == {0, 1}
 
 
+def test_next_tokens_follows_the_distribution_and_never_draws_a_zero():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    logits = torch.log(probs).expand(20000, 5)                             # 20,000 rows, one draw each
+    drawn = rlino.next_tokens(logits, 1.0, 1.0, torch.Generator().manual_seed(0))
+    freq = torch.bincount(drawn, minlength=5).float() / len(drawn)
+    assert freq[4] == 0                                                    # -inf logit: never drawn
+    assert (freq - probs).abs().max() < 0.015, freq                        # 4-5 standard errors
+    hot = rlino.next_tokens(logits, 0.5, 1.0, torch.Generator().manual_seed(0))  # temperature 0.5: p^2, renormalised
+    expected = probs ** 2 / (probs ** 2).sum()
+    assert (torch.bincount(hot, minlength=5).float() / len(hot) - expected).abs().max() < 0.015
+
+
+def test_sampler_shares_the_prompt_cache_across_the_group(tiny):
+    """Greedy with G = 3 copies of each prompt's cache: every row of a group equals generate's greedy output,
+    also after rows of other groups have stopped and left the batch."""
+    model, tokenizer = tiny
+    model.eval()
+    prompts = [tokenizer(t)["input_ids"] for t in ["What is 2+2?", "Hi", "A longer prompt, of more tokens."]]
+    ids, mask = rlino.left_pad(prompts, tokenizer.pad_token_id)
+    free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                          eos_token_id=None, pad_token_id=2)[:, ids.shape[1]:]
+    stop = int(free[1, 3])
+    expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                              eos_token_id=[stop], pad_token_id=stop)[:, ids.shape[1]:]
+    rollout = rlino.sample(model, prompts, 3, 12, [stop], 0.0, 1.0, None)
+    assert rollout.lengths.min() < 12 < rollout.lengths.max() + 1
+    for row in range(9):
+        n = int(rollout.lengths[row])
+        assert rollout.completion_ids[row, :n].tolist() == expected[row // 3, :n].tolist()
+
+
+def test_preallocated_cache_is_written_in_place(tiny):
+    model, tokenizer = tiny
+    cache = rlino.kv_cache(model, 20)
+    ids = torch.tensor([tokenizer("abcd")["input_ids"]])
+    with torch.no_grad():
+        model(input_ids=ids, cache=cache, use_cache=True)
+        layer = cache.layers[0]
+        buffer = layer.key_buffer.data_ptr()
+        model(input_ids=ids[:, :1], cache=cache, use_cache=True)
+    assert layer.key_buffer.data_ptr() == buffer and layer.key_buffer.shape[2] == 20
+    assert layer.keys.shape[2] == ids.shape[1] + 1 == cache.get_seq_length()
+    reference = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=torch.cat([ids, ids[:, :1]], 1), cache=reference, use_cache=True)
+    torch.testing.assert_close(layer.keys, reference.layers[0].keys)
+    torch.testing.assert_close(layer.values, reference.layers[0].values)
+
+
+def test_sampler_model_is_a_bf16_copy_that_follows_the_policy(tiny):
+    model, tokenizer = tiny
+    assert rlino.sampler_model(model, "float32") is model
+    sampler = rlino.sampler_model(model, "bfloat16")
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in sampler.parameters())
+    assert all(b.dtype == c.dtype for b, c in zip(sampler.buffers(), model.buffers()))  # rotary frequencies: fp32
+    assert sampler.get_input_embeddings().weight is sampler.get_output_embeddings().weight  # still tied
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert not torch.equal(next(sampler.parameters()).float(), next(model.parameters()))
+    rlino.refresh_sampler(sampler, model)
+    for mine, policy in zip(sampler.parameters(), model.parameters()):
+        assert torch.equal(mine, policy.to(torch.bfloat16))
+    prompts = [tokenizer(t)["input_ids"] for t in ["What is 2+2?", "Hi"]]
+    ids, mask = rlino.left_pad(prompts, tokenizer.pad_token_id)
+    expected = sampler.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                                eos_token_id=[2], pad_token_id=2)[:, ids.shape[1]:]
+    rollout = rlino.sample(sampler, prompts, 1, 10, [2], 0.0, 1.0, None)
+    for row, n in enumerate(rollout.lengths.tolist()):
+        assert rollout.completion_ids[row, :n].tolist() == expected[row, :n].tolist()
+    alone = rlino.sample(sampler, prompts[:1], 1, 10, [2], 0.0, 1.0, None)  # no padding: an all-ones decode mask
+    assert alone.completion_ids[0].tolist() == expected[0, :alone.lengths[0]].tolist()
+
+
+def test_sampler_dtype_auto_is_resolved_and_saved():
+    assert resolved().sampler_dtype == ("bfloat16" if torch.cpu._is_avx512_bf16_supported() else "float32")
+    assert resolved(sampler_dtype="float32").sampler_dtype == "float32"
+    cuda = rlino.resolve_config(rlino.Config(), torch.device("cuda"))
+    assert cuda.sampler_dtype == "bfloat16"
+
+
 # --------------------------------------------------------------------------- (f) main() end to end
 def toy_reward(completion: str, example: dict, format_reward: float = 0.0) -> float:
     """A reward a random tiny model can earn sometimes: an odd number of 'a's."""
@@ -770,7 +868,7 @@ def test_main_two_steps_writes_the_run_and_changes_parameters(tiny_dir, tmp_path
     out = tmp_path / "run"
     rlino.main([*TINY_RUN, "--algo", algo, "--model", str(tiny_dir), "--out", str(out)])
     config = json.loads((out / "config.json").read_text())
-    assert config["algo"] == algo and config["group_size"] == 4
+    assert config["algo"] == algo and config["group_size"] == 4 and config["sampler_dtype"] != "auto"
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [0, 1, 2]
     assert "eval_accuracy" in lines[0] and "eval_accuracy" in lines[-1]
@@ -1041,4 +1139,5 @@ def test_two_processes_equal_one_process(tiny_dir, tmp_path, loss_agg):
     p1 = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "model").state_dict()
     p2 = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "model").state_dict()
     for name in p1:
-        torch.testing.assert_close(p1[name], p2[name], atol=1e-5, rtol=1e-4, msg=name)
+        # atol: 5 % of one Adam step (lr 1e-3); g / sqrt(v) magnifies the rounding of near-zero gradient entries
+        torch.testing.assert_close(p1[name], p2[name], atol=5e-5, rtol=1e-4, msg=name)

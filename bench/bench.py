@@ -65,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="as rlino's --dtype: auto = bf16 autocast on CUDA, fp32 on CPU; both trainers and the peak")
+    p.add_argument("--sampler-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="as rlino's --sampler-dtype: the weights rlino samples from (auto: bf16 on CUDA and on CPUs "
+                        "with AVX512-BF16)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (lengths vary)")
     p.add_argument("--lr", type=float, default=5e-6, help="learning rate of both GRPO trainers")
     p.add_argument("--micro-batch", type=int, default=4, help="sequences per forward/backward, both trainers")
@@ -136,7 +139,7 @@ def rlino_config(args, task_name: str, prompts_per_step: int, max_new_tokens: in
                        steps=args.size["steps"], prompts_per_step=prompts_per_step, group_size=args.size["group"],
                        sample_batch=prompts_per_step, max_new_tokens=max_new_tokens, temperature=args.temperature,
                        lr=args.lr, micro_batch=args.micro_batch, loss_agg="seq", beta=0.0, ppo_epochs=1,
-                       dtype=args.dtype)
+                       dtype=args.dtype, sampler_dtype=args.sampler_dtype)
     return rlino.resolve_config(cfg, args.device)
 
 
@@ -172,54 +175,73 @@ def generate_batch(model, tokenizer, prompts, group_size, max_new_tokens, stop_i
     return out[:, ids.shape[1]:]                                                 # (N, T)
 
 
-def bench_sampler(args, model, tokenizer, prompts, stop_ids, amp) -> tuple[dict, rlino.Rollout]:
-    """Useful tokens/s of rlino.sample and of model.generate on the same 32 rows; their greedy outputs compared.
-    Also returns rlino's rollout (the MFU measurement reuses it)."""
+def timed_generate(args, model, tokenizer, prompts, stop_ids, amp) -> dict:
+    """model.generate on the B x G rows: seconds, useful tokens, useful tokens/s, mean and max length."""
+    G, T = args.size["group"], args.size["sampler_tokens"]
+    t0 = clock(args.device)
+    torch.manual_seed(args.seed)
+    lengths = completion_lengths(generate_batch(model, tokenizer, prompts, G, T, stop_ids, args.temperature, amp),
+                                 stop_ids).float()
+    seconds = clock(args.device) - t0
+    return {"s": seconds, "tokens": int(lengths.sum()), "tokens_per_s": float(lengths.sum()) / seconds,
+            "len_mean": lengths.mean().item(), "len_max": int(lengths.max())}
+
+
+def bench_sampler(args, model, tokenizer, prompts, stop_ids, amp, cfg) -> tuple[dict, rlino.Rollout]:
+    """Useful tokens/s of rlino.sample, as rlino.train runs it (on rlino.sampler_model: a bf16 copy of the weights
+    where cfg.sampler_dtype says so), and of model.generate on the same 32 rows: generate on the policy as it is
+    trained (what TRL's GRPOTrainer samples from) and, when they differ, generate on the same weights as rlino.
+    rlino's greedy output is compared with generate's on the same weights. Also returns rlino's rollout (the MFU
+    measurement reuses it)."""
     G, T, device = args.size["group"], args.size["sampler_tokens"], args.device
     model.eval()
+    sampler = rlino.sampler_model(model, cfg.sampler_dtype)
     # warm-up: a few tokens each, so that one-time costs (allocator, lazy imports) fall outside the timings
-    rlino.sample(model, prompts[:2], 2, 4, stop_ids, args.temperature, 1.0, torch.Generator(device).manual_seed(0),
-                 amp)
-    generate_batch(model, tokenizer, prompts[:2], 2, 4, stop_ids, args.temperature, amp)
+    for m in dict.fromkeys((model, sampler)):
+        rlino.sample(m, prompts[:2], 2, 4, stop_ids, args.temperature, 1.0, torch.Generator(device).manual_seed(0),
+                     amp)
+        generate_batch(m, tokenizer, prompts[:2], 2, 4, stop_ids, args.temperature, amp)
 
     t0 = clock(device)
-    rollout = rlino.sample(model, prompts, G, T, stop_ids, args.temperature, 1.0,
+    rollout = rlino.sample(sampler, prompts, G, T, stop_ids, args.temperature, 1.0,
                            torch.Generator(device).manual_seed(args.seed), amp)
-    t1 = clock(device)
-    torch.manual_seed(args.seed)
-    completions = generate_batch(model, tokenizer, prompts, G, T, stop_ids, args.temperature, amp)
-    t2 = clock(device)
-    ours, theirs = rollout.lengths.cpu().float(), completion_lengths(completions, stop_ids).float()
+    seconds = clock(device) - t0
+    ours = rollout.lengths.cpu().float()
+    generate = timed_generate(args, model, tokenizer, prompts, stop_ids, amp)
+    same_weights = generate if sampler is model else timed_generate(args, sampler, tokenizer, prompts, stop_ids, amp)
 
-    # greedy agreement: temperature 0, two prompts, a few tokens; the same tokens up to the first stop token
+    # greedy agreement on the same weights: temperature 0, two prompts, a few tokens; the same tokens up to the
+    # first stop token
     greedy_tokens = 24
-    mine = rlino.sample(model, prompts[:2], 1, greedy_tokens, stop_ids, 0.0, 1.0, None, amp)
-    ref = generate_batch(model, tokenizer, prompts[:2], 1, greedy_tokens, stop_ids, 0.0, amp)
+    mine = rlino.sample(sampler, prompts[:2], 1, greedy_tokens, stop_ids, 0.0, 1.0, None, amp)
+    ref = generate_batch(sampler, tokenizer, prompts[:2], 1, greedy_tokens, stop_ids, 0.0, amp)
     ref_lengths = completion_lengths(ref, stop_ids)
     agree = all(mine.completion_ids[i, :n].tolist() == ref[i, :m].tolist()
                 for i, (n, m) in enumerate(zip(mine.lengths.tolist(), ref_lengths.tolist())))
-    return {"sequences": len(prompts) * G, "max_new_tokens": T,
-            "rlino_tokens": int(ours.sum()), "rlino_s": t1 - t0, "rlino_tokens_per_s": float(ours.sum()) / (t1 - t0),
+    rlino_tokens_per_s = float(ours.sum()) / seconds
+    return {"sequences": len(prompts) * G, "max_new_tokens": T, "sampler_dtype": cfg.sampler_dtype,
+            "rlino_tokens": int(ours.sum()), "rlino_s": seconds, "rlino_tokens_per_s": rlino_tokens_per_s,
             "rlino_len_mean": ours.mean().item(), "rlino_len_max": int(ours.max()),
-            "generate_tokens": int(theirs.sum()), "generate_s": t2 - t1,
-            "generate_tokens_per_s": float(theirs.sum()) / (t2 - t1),
-            "generate_len_mean": theirs.mean().item(), "generate_len_max": int(theirs.max()),
-            "speedup": (float(ours.sum()) / (t1 - t0)) / (float(theirs.sum()) / (t2 - t1)),
+            **{f"generate_{k}": v for k, v in generate.items()},
+            **{f"generate_same_weights_{k}": v for k, v in same_weights.items()},
+            "speedup": rlino_tokens_per_s / generate["tokens_per_s"],
+            "speedup_same_weights": rlino_tokens_per_s / same_weights["tokens_per_s"],
             "greedy_agree": agree, "greedy_tokens": greedy_tokens}, rollout
 
 
 # --------------------------------------------------------------------------- b. GRPO step: rlino
 def bench_rlino_grpo(args, model, tokenizer, task, examples, cfg, stop_ids, amp) -> dict:
-    """rlino's training step, the same calls as rlino.train (sample -> decode -> score -> advantages -> optimise),
-    timed per step. examples: steps x B problems, step k takes the k-th block of B."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    """rlino's training step, the same calls as rlino.train (sample -> decode -> score -> advantages -> optimise
+    -> refresh the sampler's weights), timed per step. examples: steps x B problems, step k takes the k-th block."""
+    optimizer = rlino.make_optimizer(model, cfg)
+    sampler = rlino.sampler_model(model, cfg.sampler_dtype)
     B, G = cfg.prompts_per_step, cfg.group_size
     times, sample_s, update_s, rows, lengths, rewards_mean = [], [], [], [], [], []
     for step in range(1, cfg.steps + 1):
         batch = examples[(step - 1) * B:step * B]
         t0 = clock(args.device)
-        model.eval()
-        rollout = rlino.collect_rollouts(model, tokenizer, task, batch, cfg, step, 0, stop_ids, amp, progress=False)
+        sampler.eval()
+        rollout = rlino.collect_rollouts(sampler, tokenizer, task, batch, cfg, step, 0, stop_ids, amp, progress=False)
         texts = rlino.decode_completions(tokenizer, rollout)
         rewards = rlino.score(task, texts, batch, G, cfg.format_reward).to(args.device)               # (B*G,)
         if args.reward == "parity":
@@ -227,6 +249,7 @@ def bench_rlino_grpo(args, model, tokenizer, task, examples, cfg, stop_ids, amp)
         advantages = rlino.group_advantages(rewards, G, scale=cfg.scale_adv)                           # (B*G,)
         t1 = clock(args.device)
         stats = rlino.optimise(model, model, None, optimizer, rollout, advantages, None, cfg, amp, 1)
+        rlino.refresh_sampler(sampler, model)
         t2 = clock(args.device)
         times.append(t2 - t0), sample_s.append(t1 - t0), update_s.append(t2 - t1)
         rows.append(stats["update_rows"]), lengths.append(rollout.lengths.float().mean().item())
@@ -375,7 +398,10 @@ def table(results: dict) -> str:
                      "yes" if s["speedup"] >= TARGETS["sampler_speedup"] else "no"))
         rows.append(("   completion length mean / max", f"{s['rlino_len_mean']:.0f} / {s['rlino_len_max']}",
                      f"{s['generate_len_mean']:.0f} / {s['generate_len_max']}", "", "", ""))
-        rows.append(("   greedy outputs agree", str(s["greedy_agree"]).lower(), "", "", "", ""))
+        rows.append((f"   rlino's weights: {s['sampler_dtype']}; generate on the same weights",
+                     f"{s['rlino_tokens_per_s']:.1f}", f"{s['generate_same_weights_tokens_per_s']:.1f} generate",
+                     f"{s['speedup_same_weights']:.2f}x", "", ""))
+        rows.append(("   greedy outputs agree (same weights)", str(s["greedy_agree"]).lower(), "", "", "", ""))
     if "grpo" in results:
         g = results["grpo"]
         trl_s = g.get("trl", {}).get("step_s")
@@ -447,7 +473,7 @@ def main(argv=None) -> dict:
     sampler_rollout = None
     if "sampler" not in args.skip:
         print("a. sampler: rlino.sample vs model.generate ...", flush=True)
-        results["sampler"], sampler_rollout = bench_sampler(args, model, tokenizer, prompts, stop_ids, amp)
+        results["sampler"], sampler_rollout = bench_sampler(args, model, tokenizer, prompts, stop_ids, amp, cfg)
     if "mfu" not in args.skip:
         print("c. MFU: rlino.update over a fixed rollout, and the matmul peak ...", flush=True)
         if sampler_rollout is None:
