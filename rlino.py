@@ -70,8 +70,8 @@ class Config:
     seed: int = arg(0, "seed for the prompt order, sampling and initialisation")
     device: str = arg("auto", "cuda, cpu, or auto (cuda when available)")
     dtype: str = arg("auto", "auto = bf16 autocast on CUDA, fp32 on CPU", ("auto", "float32", "bfloat16"))
-    sampler_dtype: str = arg("auto", "weights the sampler and evaluation run on: a bfloat16 copy of the policy, or "
-                             "the float32 policy itself (auto: bfloat16 on CUDA and on CPUs with AVX512-BF16)",
+    sampler_dtype: str = arg("auto", "weights the training rollouts are sampled from: a bfloat16 copy of the policy, "
+                             "or the policy itself (auto: bfloat16 on CUDA and on CPUs with AVX512-BF16)",
                              ("auto", "float32", "bfloat16"))
     grad_ckpt: bool = arg(False, "gradient (activation) checkpointing in the update")
     prompt_format: str = arg("auto", "chat template or plain text prompt (auto: chat if the tokenizer has one)",
@@ -403,10 +403,12 @@ def decode_mask(model, attention: torch.Tensor) -> torch.Tensor:
 
 
 def sampler_model(model, dtype: str):
-    """The model the sampler and the evaluation run on: the policy itself, or a bf16 copy of its weights (refreshed
-    by refresh_sampler after each update). Decoding a few rows at a time reads every weight once per token, so
-    half the bytes is nearly half the time: 62 vs 129 ms per decode step of 32 rows of SmolLM2-135M on 2 CPU cores
-    with AVX512-BF16. The log-probabilities of the update still come from the fp32 policy."""
+    """The model the training rollouts are sampled from: the policy itself, or a bf16 copy of its weights, refreshed
+    by refresh_sampler after each update (evaluation always runs on the policy). Decoding runs small matmuls, one
+    per weight per token; in bf16 they read half the bytes and use the bf16 units (AVX512-BF16, tensor cores): one
+    decode step of 32 rows of SmolLM2-135M takes 62 ms instead of 129 on 2 CPU cores. Autocast would cast the fp32
+    weights again at every token. The log-probabilities of the update still come from the fp32 policy (as under
+    bf16 autocast, the samples come from weights rounded to bf16)."""
     if dtype == "float32":
         return model
     copy = deepcopy(model).eval().requires_grad_(False)
@@ -952,7 +954,7 @@ def train(cfg: Config, device: torch.device, rank: int, world: int) -> Path:
     per_rank = cfg.prompts_per_step // world
 
     def run_eval(step: int) -> dict:
-        result = evaluate(sampler, tokenizer, task, eval_set, cfg, amp, rank, world, stop_ids)
+        result = evaluate(model, tokenizer, task, eval_set, cfg, amp, rank, world, stop_ids)
         if main_process:
             print(f"eval step {step}: accuracy {result['eval_accuracy']:.4f} on {result['eval_n']} problems, "
                   f"length correct {result['eval_len_correct']:.1f} / incorrect {result['eval_len_incorrect']:.1f}",
@@ -1025,7 +1027,6 @@ def eval_only(cfg: Config, device: torch.device, rank: int, world: int) -> dict:
     test_set = task.load("test", data_dir=cfg.data_dir)
     eval_set = test_set[:cfg.eval_size] if cfg.eval_size else test_set
     model, tokenizer = load_model(cfg.model, device)
-    model = sampler_model(model, cfg.sampler_dtype)
     torch.manual_seed(cfg.seed)
     result = evaluate(model, tokenizer, task, eval_set, cfg, autocast(device, cfg), rank, world,
                       stop_token_ids(tokenizer, model))

@@ -862,6 +862,38 @@ STEP_KEYS = {"step", "reward_mean", "loss", "grad_norm", "lr", "len_mean", "len_
              "tokens_per_s", "len_correct_p50", "len_incorrect_p90", "truncated_frac_incorrect"}
 
 
+def test_training_samples_from_the_updated_policy(tiny_dir, tmp_path, monkeypatch):
+    """With --sampler-dtype bfloat16, each step's rollouts come from the policy as the previous update left it
+    (rounded to bf16), and the evaluation from the policy itself."""
+    monkeypatch.setattr(tasks.get_task("arith"), "reward", alternating_reward())
+    sampled_with, policy_after, evaluated_with = [], [], []
+    real_collect, real_optimise, real_evaluate = rlino.collect_rollouts, rlino.optimise, rlino.evaluate
+
+    def collect(model, *args, **kwargs):
+        sampled_with.append([p.detach().clone() for p in model.parameters()])
+        return real_collect(model, *args, **kwargs)
+
+    def optimise(ddp_model, model, *args, **kwargs):
+        stats = real_optimise(ddp_model, model, *args, **kwargs)
+        policy_after.append([p.detach().clone() for p in model.parameters()])
+        return stats
+
+    def evaluate(model, *args, **kwargs):
+        evaluated_with.append(next(model.parameters()).dtype)
+        return real_evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(rlino, "collect_rollouts", collect)
+    monkeypatch.setattr(rlino, "optimise", optimise)
+    monkeypatch.setattr(rlino, "evaluate", evaluate)
+    rlino.main([*TINY_RUN, "--steps", "3", "--sampler-dtype", "bfloat16", "--model", str(tiny_dir),
+                "--out", str(tmp_path / "run")])
+    assert len(sampled_with) == 3 and len(policy_after) == 3 and evaluated_with == [torch.float32] * 2
+    for step in (1, 2):
+        assert all(torch.equal(mine, policy.to(torch.bfloat16))
+                   for mine, policy in zip(sampled_with[step], policy_after[step - 1]))
+    assert not all(torch.equal(a, b) for a, b in zip(sampled_with[1], sampled_with[2]))
+
+
 @pytest.mark.parametrize("algo", rlino.ALGOS)
 def test_main_two_steps_writes_the_run_and_changes_parameters(tiny_dir, tmp_path, monkeypatch, algo):
     monkeypatch.setattr(tasks.get_task("arith"), "reward", toy_reward)
