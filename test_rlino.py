@@ -725,7 +725,10 @@ def test_seq_aggregation_makes_long_answers_cheap_per_token():
 
 
 # --------------------------------------------------------------------------- (e) the sampler
-def test_sampler_greedy_equals_generate(tiny):
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_sampler_greedy_equals_generate(tiny, group_size):
+    """Greedy, every row equals generate's, also when G rows share their prompt's cache and after rows of other
+    groups have stopped and left the batch."""
     model, tokenizer = tiny
     model.eval()
     prompts = [tokenizer(t)["input_ids"] for t in ["What is 2+2?", "Hi", "A longer prompt, of more tokens."]]
@@ -735,12 +738,12 @@ def test_sampler_greedy_equals_generate(tiny):
     stop = int(free[0, 5])  # a token the first row emits mid-way: rows stop at different times
     expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
                               eos_token_id=[stop], pad_token_id=stop)[:, ids.shape[1]:]
-    rollout = rlino.sample(model, prompts, 1, 16, [stop], 0.0, 1.0, None)
+    rollout = rlino.sample(model, prompts, group_size, 16, [stop], 0.0, 1.0, None)
     assert rollout.lengths.min() < 16, "the test needs a row that stops early"
-    for row in range(3):
-        n = int(rollout.lengths[row])
-        assert rollout.completion_ids[row, :n].tolist() == expected[row, :n].tolist()
-        assert bool(rollout.truncated[row]) == (stop not in expected[row].tolist())
+    for row in range(3 * group_size):
+        n, reference = int(rollout.lengths[row]), expected[row // group_size]
+        assert rollout.completion_ids[row, :n].tolist() == reference[:n].tolist()
+        assert bool(rollout.truncated[row]) == (stop not in reference.tolist())
         assert rollout.completion_mask[row].sum() == n
 
 
@@ -772,25 +775,6 @@ def test_next_tokens_follows_the_distribution_and_never_draws_a_zero():
     hot = rlino.next_tokens(logits, 0.5, 1.0, torch.Generator().manual_seed(0))  # temperature 0.5: p^2, renormalised
     expected = probs ** 2 / (probs ** 2).sum()
     assert (torch.bincount(hot, minlength=5).float() / len(hot) - expected).abs().max() < 0.015
-
-
-def test_sampler_shares_the_prompt_cache_across_the_group(tiny):
-    """Greedy with G = 3 copies of each prompt's cache: every row of a group equals generate's greedy output,
-    also after rows of other groups have stopped and left the batch."""
-    model, tokenizer = tiny
-    model.eval()
-    prompts = [tokenizer(t)["input_ids"] for t in ["What is 2+2?", "Hi", "A longer prompt, of more tokens."]]
-    ids, mask = rlino.left_pad(prompts, tokenizer.pad_token_id)
-    free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
-                          eos_token_id=None, pad_token_id=2)[:, ids.shape[1]:]
-    stop = int(free[1, 3])
-    expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
-                              eos_token_id=[stop], pad_token_id=stop)[:, ids.shape[1]:]
-    rollout = rlino.sample(model, prompts, 3, 12, [stop], 0.0, 1.0, None)
-    assert rollout.lengths.min() < 12 < rollout.lengths.max() + 1
-    for row in range(9):
-        n = int(rollout.lengths[row])
-        assert rollout.completion_ids[row, :n].tolist() == expected[row // 3, :n].tolist()
 
 
 def test_preallocated_cache_is_written_in_place(tiny):

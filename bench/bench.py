@@ -8,7 +8,9 @@ Run it (from the repository root, in the venv; `pip install -r bench/requirement
 
 Three measurements, one table, and every figure in --json:
   a. sampler:   rlino.sample vs model.generate, same model, prompts, seed and batch (B prompts x G = 32 sequences):
-                useful tokens/s (completion tokens up to and including the first stop token), their ratio.
+                useful tokens/s (completion tokens up to and including the first stop token), their ratio; rlino
+                samples from its bf16 copy of the weights where --sampler-dtype says so, generate from the policy
+                and, in a second row, from that same copy.
   b. GRPO step: rlino's step (exactly the calls of rlino.train) vs TRL GRPOTrainer with the same model weights,
                 prompts, B, G, max new tokens, temperature, lr, loss aggregation (seq), mu = 1, beta = 0:
                 seconds per step (median; the first step is dropped as warm-up when there are 3 or more).
