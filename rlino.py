@@ -385,10 +385,16 @@ class PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
 
 
-def kv_cache(model, capacity: int) -> Cache:
-    """A PreallocatedLayer per layer; transformers' own cache for models with sliding-window layers."""
+def full_attention_only(model) -> bool:
+    """Whether every layer attends to the whole prefix (no sliding window): then the sampler's own cache and decode
+    mask apply; models with sliding-window layers keep transformers' cache and masks."""
     layer_types = getattr(model.config.get_text_config(decoder=True), "layer_types", None) or ["full_attention"]
-    if set(layer_types) != {"full_attention"}:
+    return set(layer_types) == {"full_attention"}
+
+
+def kv_cache(model, capacity: int) -> Cache:
+    """A PreallocatedLayer per layer (transformers' own cache for models with sliding-window layers)."""
+    if not full_attention_only(model):
         return DynamicCache(config=model.config)
     return Cache(layer_class_to_replicate=lambda: PreallocatedLayer(capacity))
 
@@ -397,7 +403,7 @@ def decode_mask(model, attention: torch.Tensor) -> torch.Tensor:
     """The attention mask of one decode step. (N, P + t) -> for SDPA, the 4-D boolean mask transformers would build
     from it, given as such so that it is kept when it is all ones: transformers drops an all-ones mask, and SDPA then
     takes its GQA path, 6x slower in bf16 on CPU (5.1 vs 0.8 ms per layer, 32 rows of SmolLM2-135M)."""
-    if model.config._attn_implementation != "sdpa":
+    if model.config._attn_implementation != "sdpa" or not full_attention_only(model):
         return attention
     return attention[:, None, None, :].bool()                                # (N, 1, 1, P + t)
 

@@ -777,6 +777,26 @@ def test_next_tokens_follows_the_distribution_and_never_draws_a_zero():
     assert (torch.bincount(hot, minlength=5).float() / len(hot) - expected).abs().max() < 0.015
 
 
+def test_sampler_keeps_sliding_window_attention(tiny):
+    """A model with sliding-window layers keeps transformers' cache and masks: greedy still equals generate's with
+    prompts longer than the window."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    _, tokenizer = tiny
+    config = Qwen2Config(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
+                         max_window_layers=1, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).eval()
+    assert not rlino.full_attention_only(model)
+    prompts = [tokenizer(t)["input_ids"] for t in ["What is 2+2, again?", "Hi there"]]
+    ids, mask = rlino.left_pad(prompts, 2)
+    expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                              eos_token_id=[2], pad_token_id=2)[:, ids.shape[1]:]
+    rollout = rlino.sample(model, prompts, 2, 10, [2], 0.0, 1.0, None)
+    for row, n in enumerate(rollout.lengths.tolist()):
+        assert rollout.completion_ids[row, :n].tolist() == expected[row // 2, :n].tolist()
+
+
 def test_preallocated_cache_is_written_in_place(tiny):
     model, tokenizer = tiny
     cache = rlino.kv_cache(model, 20)
