@@ -1,28 +1,36 @@
-r"""tasks.py: the benchmarks of rlino (GSM8K, MATH, Countdown) and one synthetic toy task: data, prompts, verifiers.
+r"""tasks.py: the benchmarks of rlino (GSM8K, MATH, Countdown) and one synthetic toy task: data, prompts,
+verifiers.
 
 Each task is one object in TASKS that can
   * load its train and test splits:  task.load("test", data_dir="../shared/data")  -> list of dicts
-  * build a prompt: task.prompt_messages(example) (chat, for instruct models) or task.prompt_text(example) (base models)
+  * build a prompt: task.prompt_messages(example) (chat, for instruct models) or task.prompt_text(example)
+    (base models)
   * score a completion: task.reward(completion, example) is 1.0 when the final answer is right, else 0.0
     (or `format_reward`, if given, when the answer is in the requested format but wrong).
 
     >>> task = get_task("gsm8k")
-    >>> task.reward("She sells 9 eggs at $2 each, so \\boxed{18}.", {"question": "...", "answer": "... #### 18"})
+    >>> task.reward("She sells 9 eggs at $2 each, so \\boxed{18}.",
+    ...             {"question": "...", "answer": "... #### 18"})
     1.0
 
-Data, with the dataset's own field names. A local directory (the `data_dir` argument, else $RLINO_DATA_DIR) laid out
-as <dir>/<task>/<split>.jsonl is used when given; otherwise the Hugging Face hub through `datasets.load_dataset`:
+Data, with the dataset's own field names. A local directory (the `data_dir` argument, else $RLINO_DATA_DIR)
+laid out as <dir>/<task>/<split>.jsonl is used when given; otherwise the Hugging Face hub through
+`datasets.load_dataset`:
   gsm8k      question, answer ("...#### 18")  hub: openai/gsm8k "main"
-  math       problem, solution, answer        hub train: EleutherAI/hendrycks_math, all 7 subject configs (the 7,500
-                                              original MATH train problems; answer = last \boxed{} of the solution)
+  math       problem, solution, answer        hub train: EleutherAI/hendrycks_math, all 7 subject configs
+                                              (the 7,500 original MATH train problems; answer = last \boxed{}
+                                              of the solution)
                                               hub test: HuggingFaceH4/MATH-500
-  countdown  nums, target                     test: Jiayi-Pan/Countdown-Tasks-3to4 rows 327680-328703 (TinyZero's split);
+  countdown  nums, target                     test: Jiayi-Pan/Countdown-Tasks-3to4 rows 327680-328703
+                                              (TinyZero's split);
                                               train: always generated offline, disjoint from the test set
-  arith      question, answer ("21")          synthetic sums and differences of 1..20 ("What is 13 + 8?"), offline
+  arith      question, answer ("21")          synthetic sums and differences of 1..20 ("What is 13 + 8?"),
+                                              offline
 
-The verifiers fail closed: they never raise, never evaluate model text as code (no eval/exec), and return within
-about a second whatever the text. MATH answers are compared as normalised strings, then by value with a small LaTeX
-evaluator on mpmath numbers (mpmath comes with sympy; sympy itself is not used, see the math section for why).
+The verifiers fail closed: they never raise, never evaluate model text as code (no eval/exec), and return
+within about a second whatever the text. MATH answers are compared as normalised strings, then by value with a
+small LaTeX evaluator on mpmath numbers (mpmath comes with sympy; sympy itself is not used, see the math
+section for why).
 """
 
 import ast
@@ -38,7 +46,7 @@ from itertools import combinations
 import mpmath
 
 
-# --------------------------------------------------------------------------------------------------------------- data
+# ------------------------------------------------------------------------------------------------------- data
 class DataError(Exception):
     """A split that cannot be loaded: missing or unreadable file, hub unreachable, no usable records."""
 
@@ -65,8 +73,10 @@ def read_jsonl(path: str) -> list:
 
 
 def keep_valid(rows: list, fields: dict, where: str) -> list[dict]:
-    """The rows that have every field with the right type; skipped rows are counted on stderr, none left is an error."""
-    good = [r for r in rows if isinstance(r, dict) and all(isinstance(r.get(k), t) for k, t in fields.items())]
+    """The rows that have every field with the right type; skipped rows are counted on stderr, none left is an
+    error."""
+    good = [r for r in rows
+            if isinstance(r, dict) and all(isinstance(r.get(k), t) for k, t in fields.items())]
     if not good:
         raise DataError(f"{where}: none of the {len(rows)} records has the fields {', '.join(fields)}")
     if len(good) < len(rows):
@@ -76,7 +86,8 @@ def keep_valid(rows: list, fields: dict, where: str) -> list[dict]:
 
 
 def load_records(name: str, split: str, data_dir: str | None, fields: dict, from_hub) -> list[dict]:
-    """Records of one real split: <data_dir>/<name>/<split>.jsonl when a data directory is given, else from_hub(split)."""
+    """Records of one real split: <data_dir>/<name>/<split>.jsonl when a data directory is given, else
+    from_hub(split)."""
     how = (f"pass --data-dir DIR or set RLINO_DATA_DIR (a directory with {name}/{split}.jsonl), "
            "or allow network access to the Hugging Face hub")
     root = resolve_data_dir(data_dir)
@@ -101,9 +112,10 @@ def hub_rows(path: str, config: str | None, split: str) -> list[dict]:
     return list(load_dataset(path, config, split=split))
 
 
-# ------------------------------------------------------------------------------------- answer parsing (shared)
+# ------------------------------------------------------------------------------------ answer parsing (shared)
 # Regular expressions are kept as strings: the re module caches them.
-_NUMBER = r"-?(?:[0-9]{1,3}(?:,[0-9]{3})+(?![0-9])|[0-9]+)(?:\.[0-9]+)?"  # ASCII digits only: '١٢' is no number
+# ASCII digits only: '١٢' is no number
+_NUMBER = r"-?(?:[0-9]{1,3}(?:,[0-9]{3})+(?![0-9])|[0-9]+)(?:\.[0-9]+)?"
 
 
 def parse_number(text: str) -> Fraction | None:
@@ -135,7 +147,8 @@ def braced(text: str, start: int) -> str | None:
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} or \\fbox{...} (brace-matched; also '\\boxed 5'), or None if absent or unclosed.
+    """Content of the last \\boxed{...} or \\fbox{...} (brace-matched; also '\\boxed 5'), or None if absent or
+    unclosed.
 
     'so x = \\boxed{\\frac{1}{2}}.' -> '\\frac{1}{2}'
     """
@@ -149,27 +162,31 @@ def last_boxed(text: str) -> str | None:
     return spaced.group(1) if spaced else None
 
 
-# ------------------------------------------------------------------------------------------------------------ prompts
-# Plain-text prompts follow TinyZero's base-model template and end with `response_prefix`, where the model continues.
-# Chat prompts are a single user message (the tokenizer's chat template adds its default system prompt, if any).
-PREAMBLE = ("A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
-            "The assistant first thinks about the reasoning process in the mind and then provides the user "
-            "with the answer.")
+# ---------------------------------------------------------------------------------------------------- prompts
+# Plain-text prompts follow TinyZero's base-model template and end with `response_prefix`, where the model
+# continues. Chat prompts are a single user message (the tokenizer's chat template adds its default system
+# prompt, if any).
+PREAMBLE = ("A conversation between User and Assistant. The user asks a question, and the Assistant "
+            "solves it. The assistant first thinks about the reasoning process in the mind and then provides "
+            "the user with the answer.")
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-COUNTDOWN_INSTRUCTION = ("Using the numbers {nums}, create an equation that equals {target}. You can use basic "
-                         "arithmetic operations (+, -, *, /) and each number can only be used once. Show your work "
-                         "in <think> </think> tags. And return the final answer in <answer> </answer> tags, "
-                         "for example <answer> (1 + 2) / 3 </answer>.")
+COUNTDOWN_INSTRUCTION = ("Using the numbers {nums}, create an equation that equals {target}. You can use "
+                         "basic arithmetic operations (+, -, *, /) and each number can only be used once. "
+                         "Show your work in <think> </think> tags. And return the final answer in "
+                         "<answer> </answer> tags, for example <answer> (1 + 2) / 3 </answer>.")
 
 
 class Task:
-    """One benchmark: its data, its prompts and its verifier. Subclasses define the methods marked 'per task'."""
+    """One benchmark: its data, its prompts and its verifier. Subclasses define the methods marked
+    'per task'."""
 
     name = ""
     fields: dict = {}  # required record fields and their types
-    response_prefix = " Let me solve this step by step.\n"  # plain-text prompt: what the Assistant has already said
+    # plain-text prompt: what the Assistant has already said
+    response_prefix = " Let me solve this step by step.\n"
 
-    def load(self, split: str, data_dir: str | None = None, limit: int | None = None, seed: int = 0) -> list[dict]:
+    def load(self, split: str, data_dir: str | None = None, limit: int | None = None,
+             seed: int = 0) -> list[dict]:
         """Records of `split` ("train" or "test") in file order; `limit` keeps the first `limit`.
 
         `seed` seeds generated splits only (Countdown train: 10,000 problems unless `limit`, about 1.4 s per
@@ -190,7 +207,8 @@ class Task:
         raise NotImplementedError
 
     def prompt_messages(self, example: dict) -> list[dict]:
-        """Chat messages for instruct models (pass to tokenizer.apply_chat_template with add_generation_prompt)."""
+        """Chat messages for instruct models (pass to tokenizer.apply_chat_template with
+        add_generation_prompt)."""
         return [{"role": "user", "content": self.instruction(example)}]
 
     def prompt_text(self, example: dict) -> str:
@@ -198,8 +216,8 @@ class Task:
         return f"{PREAMBLE}\nUser: {self.instruction(example)}\nAssistant:{self.response_prefix}"
 
     def reward(self, completion: str, example: dict, format_reward: float = 0.0) -> float:
-        """1.0 if the completion's final answer is right; else `format_reward` if the answer is in the requested
-        format, else 0.0. Fails closed: any error in scoring gives 0.0."""
+        """1.0 if the completion's final answer is right; else `format_reward` if the answer is in the
+        requested format, else 0.0. Fails closed: any error in scoring gives 0.0."""
         try:
             if self.is_correct(completion, example):
                 return 1.0
@@ -207,7 +225,8 @@ class Task:
         except Exception:  # odd input or a verifier bug must never crash training or count as correct
             return 0.0
 
-    def extract_answer(self, completion: str) -> str | None:  # per task: the final answer as written, for logging
+    # per task: the final answer as written, for logging
+    def extract_answer(self, completion: str) -> str | None:
         raise NotImplementedError
 
     def is_correct(self, completion: str, example: dict) -> bool:  # per task
@@ -217,7 +236,7 @@ class Task:
         raise NotImplementedError
 
 
-# -------------------------------------------------------------------------------------------------------------- gsm8k
+# ------------------------------------------------------------------------------------------------------ gsm8k
 _GSM8K_MARKERS = (r"####([^\n]*)", r"(?i:the answer is):?([^\n]*)")
 
 
@@ -234,8 +253,8 @@ class GSM8K(Task):
         return f"{example['question']} {BOXED_INSTRUCTION}"
 
     def extract_answer(self, completion):
-        """The last \\boxed{}, else the rest of the line after the last '####', else after the last 'the answer is',
-        else the last number."""
+        """The last \\boxed{}, else the rest of the line after the last '####', else after the last
+        'the answer is', else the last number."""
         boxed = last_boxed(completion)
         if boxed is not None:
             return boxed
@@ -249,7 +268,8 @@ class GSM8K(Task):
     def is_correct(self, completion, example):
         """Numeric comparison of the first number in the extracted answer with the gold number.
 
-        gold '... #### 1000':  '... \\boxed{\\$1,000}' -> 1.0, 'The answer is 1000.00' -> 1.0, '\\boxed{-1000}' -> 0.0
+        gold '... #### 1000':  '... \\boxed{\\$1,000}' -> 1.0, 'The answer is 1000.00' -> 1.0,
+        '\\boxed{-1000}' -> 0.0
         """
         given = self.extract_answer(completion)
         gold = parse_number(example["answer"].split("####")[-1])
@@ -259,12 +279,13 @@ class GSM8K(Task):
         return last_boxed(completion) is not None
 
 
-# --------------------------------------------------------------------------------------------------------------- math
+# ------------------------------------------------------------------------------------------------------- math
 _MATH_REWRITES = [  # (pattern, replacement), applied in order by normalize_math
     (r"\\[dt]frac", r"\\frac"),  # \dfrac, \tfrac -> \frac
     (r"\\left|\\right|\\displaystyle|(?<!\\)\\[!,;: ]|~", ""),  # sizing and spacing (not the \\ of '\\ ')
     (r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\?%|\\?\$", ""),  # degrees, percent, dollars
-    (r"(?<=\S)\s*\\(?:text|mbox|mathrm)\{[^{}]*\}(?:\^[0-9])?$", ""),  # trailing units: '15\mbox{ cm}^2' -> '15'
+    # trailing units: '15\mbox{ cm}^2' -> '15'
+    (r"(?<=\S)\s*\\(?:text|mbox|mathrm)\{[^{}]*\}(?:\^[0-9])?$", ""),
     (r"\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}", r"\1"),  # other text: '\text{(B)}' -> '(B)'
     (r"\s+", ""),
     (r"\.$", ""),  # a closing full stop
@@ -274,23 +295,26 @@ _MATH_REWRITES = [  # (pattern, replacement), applied in order by normalize_math
     (r"_\{(\w+)\}", r"_\1"),  # bases: '4210_{5}' -> '4210_5'
     (r"^\(([A-Z])\)$", r"\1"),  # choices: '(B)' -> 'B'
     (r"(?<![0-9}])\.(?=[0-9])", "0."),  # '.35' -> '0.35'
-    (r"^-?[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]+)?$", lambda m: m.group().replace(",", "")),  # '10,080' -> '10080'
+    (r"^-?[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]+)?$",
+     lambda m: m.group().replace(",", "")),  # '10,080' -> '10080'
 ]
 
 
 def normalize_math(answer: str) -> str:
-    """Canonical string form of a MATH answer: '\\left( 3, \\dfrac12 \\right)' -> '(3,\\frac{1}{2})', '90^\\circ' -> '90'."""
+    """Canonical string form of a MATH answer: '\\left( 3, \\dfrac12 \\right)' -> '(3,\\frac{1}{2})',
+    '90^\\circ' -> '90'."""
     answer = answer.strip()
     for pattern, replacement in _MATH_REWRITES:
         answer = re.sub(pattern, replacement, answer)
     return answer
 
 
-# Answers that still differ as strings are compared by value, with a small LaTeX evaluator on mpmath numbers (40
-# digits, in a private context). Letters stand for variables: equal values at two probe points, to 1e-25 relative
-# (1e-35 absolute near 0), count as equal expressions. Sympy is deliberately not used: its automatic simplification can run for minutes on
-# a short answer ('\sqrt{(y^{693}+\frac{i}{y}\sqrt[9]{x})^{33}}' took 79 s to build), and no timer can interrupt it
-# outside the main thread. Here each token costs microseconds and exponents are capped, so time is bounded.
+# Answers that still differ as strings are compared by value, with a small LaTeX evaluator on mpmath numbers
+# (40 digits, in a private context). Letters stand for variables: equal values at two probe points, to 1e-25
+# relative (1e-35 absolute near 0), count as equal expressions. Sympy is deliberately not used: its automatic
+# simplification can run for minutes on a short answer ('\sqrt{(y^{693}+\frac{i}{y}\sqrt[9]{x})^{33}}'
+# took 79 s to build), and no timer can interrupt it outside the main thread. Here each token costs
+# microseconds and exponents are capped, so time is bounded.
 _MP = mpmath.MPContext()
 _MP.dps = 40
 _TOKEN = r"[0-9]+(?:\.[0-9]+)?|\.[0-9]+|\\[a-zA-Z]+|[a-zA-Z]|[-+*/^(){}\[\]]"
@@ -298,10 +322,11 @@ _CLOSING = {"(": ")", "[": "]", "{": "}"}
 
 
 def latex_value(latex: str, point: int):
-    """The value of a normalised LaTeX answer (an mpmath number), or None when it is outside this small subset:
-    numbers (up to 30 digits, held exactly), letters (i = imaginary unit; any other letter x takes the probe value
-    sqrt(ord(x)) / (7 + point)), \\pi, + - * / ^, \\cdot, \\times, \\div, implicit products, \\frac{a}{b},
-    \\sqrt{x}, \\sqrt[n]{x}, and ( ) [ ] { } groups. '2\\sqrt{5}' -> 4.472..., '\\cot x' -> None.
+    """The value of a normalised LaTeX answer (an mpmath number), or None when it is outside this small
+    subset: numbers (up to 30 digits, held exactly), letters (i = imaginary unit; any other letter x takes the
+    probe value sqrt(ord(x)) / (7 + point)), \\pi, + - * / ^, \\cdot, \\times, \\div, implicit products,
+    \\frac{a}{b}, \\sqrt{x}, \\sqrt[n]{x}, and ( ) [ ] { } groups. '2\\sqrt{5}' -> 4.472...,
+    '\\cot x' -> None.
     At most 100 tokens, nesting depth 20, numbers of 30 digits and exponents of absolute value 1000."""
     tokens = re.findall(_TOKEN, latex)
     if not tokens or len(tokens) > 100 or sum(map(len, tokens)) != len(latex):
@@ -394,8 +419,8 @@ def latex_value(latex: str, point: int):
 
 
 def same_value(a: str, b: str) -> bool:
-    """Whether two normalised LaTeX answers have the same value: '\\frac{1}{2}' = '0.5', '2\\sqrt{5}' = '\\sqrt{20}',
-    '(x+1)^2' = 'x^2+2x+1'; '0.333333' != '\\frac{1}{3}'."""
+    """Whether two normalised LaTeX answers have the same value: '\\frac{1}{2}' = '0.5',
+    '2\\sqrt{5}' = '\\sqrt{20}', '(x+1)^2' = 'x^2+2x+1'; '0.333333' != '\\frac{1}{3}'."""
     for point in (0, 1):
         x, y = latex_value(a, point), latex_value(b, point)
         if x is None or y is None or abs(x - y) > 1e-25 * max(abs(x), abs(y), 1e-10):
@@ -405,7 +430,8 @@ def same_value(a: str, b: str) -> bool:
 
 def split_answer(answer: str) -> tuple[str, list[str], str]:
     """Enclosing brackets and comma-separated items of a normalised answer: '(3,\\frac{\\pi}{2}]' ->
-    ('(', ['3', '\\frac{\\pi}{2}'], ']'), '1,2' -> ('', ['1', '2'], ''), '(a+5)(b+2)' -> ('', ['(a+5)(b+2)'], '')."""
+    ('(', ['3', '\\frac{\\pi}{2}'], ']'), '1,2' -> ('', ['1', '2'], ''),
+    '(a+5)(b+2)' -> ('', ['(a+5)(b+2)'], '')."""
     depth, closes_at = 0, None
     for i, char in enumerate(answer):
         depth += (char in "([{") - (char in ")]}")
@@ -453,9 +479,10 @@ class MATH(Task):
     def _from_hub(self, split):
         if split == "test":
             return hub_rows("HuggingFaceH4/MATH-500", None, "test")
-        return [{"problem": row["problem"], "solution": row["solution"], "answer": last_boxed(row["solution"]),
-                 "subject": row["type"]}
-                for subject in _MATH_SUBJECTS for row in hub_rows("EleutherAI/hendrycks_math", subject, "train")]
+        return [{"problem": row["problem"], "solution": row["solution"],
+                 "answer": last_boxed(row["solution"]), "subject": row["type"]}
+                for subject in _MATH_SUBJECTS
+                for row in hub_rows("EleutherAI/hendrycks_math", subject, "train")]
 
     def instruction(self, example):
         return f"{example['problem']} {BOXED_INSTRUCTION}"
@@ -466,7 +493,8 @@ class MATH(Task):
     def is_correct(self, completion, example):
         """The last \\boxed{} against the gold answer with math_equal.
 
-        gold '\\frac{1}{2}':  '\\boxed{0.5}' -> 1.0, '\\boxed{\\dfrac12}' -> 1.0, '\\boxed{2}' -> 0.0, 'so 1/2' -> 0.0
+        gold '\\frac{1}{2}':  '\\boxed{0.5}' -> 1.0, '\\boxed{\\dfrac12}' -> 1.0, '\\boxed{2}' -> 0.0,
+        'so 1/2' -> 0.0
         """
         given = last_boxed(completion)
         return given is not None and math_equal(given, example["answer"])
@@ -475,7 +503,7 @@ class MATH(Task):
         return last_boxed(completion) is not None
 
 
-# ---------------------------------------------------------------------------------------------------------- countdown
+# -------------------------------------------------------------------------------------------------- countdown
 def _steps(a: int, b: int) -> list[tuple[int, str]]:
     """One Countdown step on a >= b: a+b, a*b, a-b, and a/b when the division is exact."""
     steps = [(a + b, "+"), (a * b, "*"), (a - b, "-")]
@@ -486,7 +514,8 @@ def _steps(a: int, b: int) -> list[tuple[int, str]]:
 
 def solve_countdown(nums: list[int], target: int) -> str | None:
     """An expression that uses every number once and equals target, or None. Depth-first search over pairwise
-    combinations with non-negative integer intermediates (the data README's rule): ([79, 17, 60], 36) -> '(79 + 17) - 60'.
+    combinations with non-negative integer intermediates (the data README's rule):
+    ([79, 17, 60], 36) -> '(79 + 17) - 60'.
     """
     def search(items):  # items: [(value, expression tree)]; returns a tree equal to target, or None
         for i, j in combinations(range(len(items)), 2):
@@ -510,8 +539,9 @@ def solve_countdown(nums: list[int], target: int) -> str | None:
 
 
 def generate_countdown(n: int, seed: int = 0, exclude=frozenset()) -> list[dict]:
-    """`n` problems drawn as in the data README: k uniform in {3, 4}, target uniform in 10..100, k numbers uniform in
-    1..99 redrawn until solvable. Problems whose (target, sorted nums) is in `exclude` are dropped."""
+    """`n` problems drawn as in the data README: k uniform in {3, 4}, target uniform in 10..100, k numbers
+    uniform in 1..99 redrawn until solvable. Problems whose (target, sorted nums) is in `exclude` are
+    dropped."""
     rng, problems = random.Random(seed), []
     while len(problems) < n:
         k, target = rng.randint(3, 4), rng.randint(10, 100)
@@ -542,8 +572,9 @@ def _evaluate(node) -> Fraction:
 
 
 def countdown_value(expression: str, nums: list[int]) -> Fraction | None:
-    """The exact value of `expression` if it is a legal answer for `nums` (integers, + - * /, parentheses, each number
-    used exactly once), else None: ('(79 + 17) - 60', [79, 17, 60]) -> 36, ('79 - 17', [79, 17, 60]) -> None."""
+    """The exact value of `expression` if it is a legal answer for `nums` (integers, + - * /, parentheses,
+    each number used exactly once), else None: ('(79 + 17) - 60', [79, 17, 60]) -> 36,
+    ('79 - 17', [79, 17, 60]) -> None."""
     if len(expression) > 300 or not re.fullmatch(_COUNTDOWN_CHARS, expression):
         return None
     try:
@@ -575,7 +606,8 @@ class Countdown(Task):
         try:
             test = super()._records("test", data_dir, None, seed)
         except DataError as e:
-            print(f"countdown: cannot exclude the test problems from the generated ones: {e}", file=sys.stderr)
+            print(f"countdown: cannot exclude the test problems from the generated ones: {e}",
+                  file=sys.stderr)
             test = []
         exclude = {(r["target"], tuple(sorted(r["nums"]))) for r in test}
         return generate_countdown(10_000 if limit is None else limit, seed, exclude)
@@ -596,8 +628,9 @@ class Countdown(Task):
     def is_correct(self, completion, example):
         """The last <answer> must use exactly the given numbers and hit the target (|value - target| < 1e-5).
 
-        nums [79, 17, 60], target 36:  '<answer>79 + 17 - 60</answer>' -> 1.0, '<answer>79 - 17 - 60</answer>' -> 0.0
-        (wrong value), '<answer>96 - 60</answer>' -> 0.0 (numbers), '<answer>79 + 17 - 60 = 36</answer>' -> 0.0 ('=')
+        nums [79, 17, 60], target 36:  '<answer>79 + 17 - 60</answer>' -> 1.0,
+        '<answer>79 - 17 - 60</answer>' -> 0.0 (wrong value), '<answer>96 - 60</answer>' -> 0.0 (numbers),
+        '<answer>79 + 17 - 60 = 36</answer>' -> 0.0 ('=')
         """
         expression = self.extract_answer(completion)
         value = None if expression is None else countdown_value(expression, example["nums"])
@@ -607,12 +640,13 @@ class Countdown(Task):
         return self.extract_answer(completion) is not None
 
 
-# ------------------------------------------------------------------------------------------------ arith (synthetic)
+# ------------------------------------------------------------------------------------------ arith (synthetic)
 class Arith(GSM8K):
     """SYNTHETIC toy task for CPU experiments, not a benchmark: 'What is 13 + 8?' / 'What is 7 - 19?' with two
-    numbers in 1..20, small enough that SmolLM2-135M gets about one in five right and can learn from its own samples.
-    All 800 problems are split once by a fixed seed: 200 test, 600 train (shuffled by `seed`), so the splits are
-    disjoint. It asks for the bare number and is scored like GSM8K: the answer field is the number ('21', '-12')."""
+    numbers in 1..20, small enough that SmolLM2-135M gets about one in five right and can learn from its own
+    samples. All 800 problems are split once by a fixed seed: 200 test, 600 train (shuffled by `seed`), so the
+    splits are disjoint. It asks for the bare number and is scored like GSM8K: the answer field is the number
+    ('21', '-12')."""
 
     name = "arith"
 
@@ -629,7 +663,7 @@ class Arith(GSM8K):
                 for a, op, b in chosen]
 
 
-# ----------------------------------------------------------------------------------------------------------- registry
+# --------------------------------------------------------------------------------------------------- registry
 TASKS: dict[str, Task] = {task.name: task for task in (GSM8K(), MATH(), Countdown(), Arith())}
 
 
