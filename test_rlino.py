@@ -67,7 +67,7 @@ def tiny(tiny_dir):
 
 
 def resolved(**overrides) -> rlino.Config:
-    """A config as main() would see it on a CPU, with these fields set."""
+    """A config as main() would see it on a CPU, with these fields set (CPU preset: temperature 0.8)."""
     return rlino.resolve_config(rlino.Config(**overrides), torch.device("cpu"))
 
 
@@ -85,6 +85,705 @@ def random_rollout(n_prompts=3, group_size=4, vocab=100, seed=0) -> rlino.Rollou
                          completion_ids, completion_mask, lengths, torch.zeros(n, dtype=torch.bool), torch.ones(n))
 
 
+MIXED_REWARDS = torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1, 1, 1, 1, 0])  # 3 groups of G = 4, every group mixed
+
+
+@pytest.fixture()
+def mixed():
+    """random_rollout() with MIXED_REWARDS and their group advantages."""
+    return random_rollout(), MIXED_REWARDS, rlino.group_advantages(MIXED_REWARDS, 4)
+
+
+def gradients(model) -> dict:
+    """A snapshot of the parameters' gradients."""
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def parameters(model) -> list[torch.Tensor]:
+    """A snapshot of the parameters."""
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def gradient_of_update(model, rollout, advantages, cfg, **kwargs) -> tuple[dict, dict]:
+    """rlino.update's gradient (an SGD optimizer at lr 0, never stepped) and its statistics."""
+    stats = rlino.update(model, torch.optim.SGD(model.parameters(), lr=0.0), rollout, advantages, cfg, **kwargs)
+    return gradients(model), stats
+
+
+def assert_same_gradients(a: dict, b: dict, **tolerance) -> None:
+    assert a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], msg=name, **tolerance)
+
+
+def full_forward_logprobs(model, rollout, temperature: float) -> torch.Tensor:
+    """(N, T) log-probs of the completion tokens from a plain forward over every position, at a temperature:
+    log_softmax(logits / T), as TRL and verl take them. Independent of rlino's LM-head shortcut."""
+    input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
+    attention = torch.cat([rollout.prompt_mask, rollout.completion_mask.long()], 1)
+    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=rlino.positions(attention)).logits
+    P = rollout.prompt_ids.shape[1]
+    logprobs = torch.log_softmax(logits[:, P - 1:-1].float() / temperature, -1)
+    return logprobs.gather(-1, rollout.completion_ids[..., None])[..., 0] * rollout.completion_mask
+
+
+# --------------------------------------------------------------------------- (a) advantages
+def test_group_advantages_hand_computed():
+    """GRPO's A_i = (r_i - mean r) / (std r + eps) per group, and Dr. GRPO's unscaled r_i - mean r."""
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 4.0, 6.0, 8.0])
+    adv = rlino.group_advantages(rewards, 4, eps=0.0)
+    std2 = math.sqrt(5.0)  # population std of 2, 4, 6, 8
+    expected = torch.tensor([0.75 / math.sqrt(0.1875), -0.25 / math.sqrt(0.1875), -0.25 / math.sqrt(0.1875),
+                             -0.25 / math.sqrt(0.1875), -3 / std2, -1 / std2, 1 / std2, 3 / std2])
+    torch.testing.assert_close(adv, expected)
+    torch.testing.assert_close(rlino.group_advantages(rewards, 4, scale=False),
+                               torch.tensor([0.75, -0.25, -0.25, -0.25, -3.0, -1.0, 1.0, 3.0]))
+
+
+@pytest.mark.parametrize("n_correct,group_size", [(1, 4), (2, 5), (3, 4), (1, 8)])
+def test_binary_advantages_closed_form(n_correct, group_size):
+    """Binary rewards, a fraction p correct: A = +sqrt((1-p)/p) for a correct sample, -sqrt(p/(1-p)) else."""
+    p = n_correct / group_size
+    rewards = torch.tensor([1.0] * n_correct + [0.0] * (group_size - n_correct))
+    adv = rlino.group_advantages(rewards, group_size, eps=1e-8)
+    torch.testing.assert_close(adv[0], torch.tensor(math.sqrt((1 - p) / p)))
+    torch.testing.assert_close(adv[-1], torch.tensor(-math.sqrt(p / (1 - p))))
+
+
+def test_all_equal_group_gives_zero_not_nan():
+    """A group whose rewards are all equal carries no signal: A = 0 (eps keeps it finite)."""
+    adv = rlino.group_advantages(torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0]), 3)
+    assert torch.equal(adv, torch.zeros(6))
+
+
+def test_fisft_sample_weights():
+    """F-ISFT weights under binary rewards: F-ISFT+- = A (GRPO's), F-ISFT+ / F-ISFT- keep one side; unit = +-1."""
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    adv = rlino.group_advantages(rewards, 4)
+    assert torch.equal(rlino.fisft_sample_weights(rewards, adv, "fisft+-", "adv"), adv)
+    assert torch.equal(rlino.fisft_sample_weights(rewards, adv, "fisft+", "unit"), torch.tensor([1.0, 0, 0, 1]))
+    assert torch.equal(rlino.fisft_sample_weights(rewards, adv, "fisft-", "unit"), torch.tensor([0.0, -1, -1, 0]))
+    plus = rlino.fisft_sample_weights(rewards, adv, "fisft+", "adv")
+    assert (plus[[0, 3]] > 0).all() and (plus[[1, 2]] == 0).all()
+
+
+@pytest.mark.parametrize("mode", ["adv", "unit"])
+def test_fisft_never_pushes_a_sample_the_wrong_way(mode):
+    """With a format reward (non-binary rewards), F-ISFT+ never lowers a likelihood, F-ISFT- never raises one."""
+    rewards = torch.tensor([0.1, 0.0, 0.0, 0.0, 1.0, 0.1, 0.0, 0.1])  # group 1: a formatted wrong answer leads
+    adv = rlino.group_advantages(rewards, 4)
+    assert adv[0] > 1.7  # what GRPO does: +1.73 for a wrong answer
+    plus, minus, both = (rlino.fisft_sample_weights(rewards, adv, algo, mode)
+                         for algo in ("fisft+", "fisft-", "fisft+-"))
+    correct = rewards >= 1.0
+    assert (plus >= 0).all() and (plus[~correct] == 0).all() and plus[4] > 0
+    assert (minus <= 0).all() and (minus[correct] == 0).all() and (minus[[1, 2, 3, 6]] < 0).all()
+    assert torch.equal(both, plus + minus) and both[0] <= 0
+
+
+def test_format_reward_must_stay_below_a_correct_answer():
+    """--format-reward lies in [0, 1): at 1 a well-formed wrong answer would count as correct."""
+    assert resolved(format_reward=0.5).format_reward == 0.5
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(rlino.UsageError, match="format-reward"):
+            resolved(format_reward=bad)
+
+
+# --------------------------------------------------------------------------- (b) the paper's reduction
+@pytest.mark.parametrize("loss_agg", ["seq", "token", "const"])
+def test_grpo_gradient_equals_fisft_pm_gradient(tiny, mixed, loss_agg):
+    """The paper's reduction: binary reward, mu = 1 (rho = 1), beta = 0 => grad J_GRPO = grad J_F-ISFT+-."""
+    model, _ = tiny
+    rollout, rewards, adv = mixed
+    cfg = resolved(loss_agg=loss_agg, max_new_tokens=12, micro_batch=5, max_grad_norm=1e9, beta=0.0)
+    grad_grpo, grpo = gradient_of_update(model, rollout, adv, cfg)
+    weights = rlino.fisft_sample_weights(rewards, adv, "fisft+-", "adv")
+    grad_fisft, fisft = gradient_of_update(model, rollout, adv, cfg, sample_weights=weights)
+    assert_same_gradients(grad_grpo, grad_fisft)
+    assert grpo["grad_norm"] > 0 and grpo["clip_frac"] == 0.0
+    assert fisft["grad_norm"] == pytest.approx(grpo["grad_norm"], rel=1e-5)  # the loss values differ; not the update
+
+
+@pytest.mark.parametrize("loss_agg", ["seq", "token", "const"])
+def test_gradient_equals_trls_formula_at_the_sampling_temperature(tiny, mixed, loss_agg):
+    """J_GRPO written as TRL writes it (log_softmax(logits / T), ratio to pi_old, clip, k3 KL, seq / token /
+    const means), from a plain forward: the same gradient as rlino's micro-batched update, also with mu > 1."""
+    model, _ = tiny
+    rollout, _, adv = mixed
+    cfg = resolved(loss_agg=loss_agg, temperature=0.6, max_new_tokens=12, micro_batch=5, max_grad_norm=1e9,
+                   beta=0.1, clip_eps=0.1, clip_eps_high=0.15)
+    mask = rollout.completion_mask
+    with torch.no_grad():
+        now = full_forward_logprobs(model, rollout, 0.6)
+    old = now + 0.3 * torch.randn(now.shape, generator=torch.Generator().manual_seed(1)) * mask  # mu > 1
+    ref = now - 0.2 * mask
+    model.zero_grad()
+    logprobs = full_forward_logprobs(model, rollout, 0.6)
+    ratio = torch.exp(logprobs - old)
+    surrogate = torch.minimum(ratio * adv[:, None], torch.clamp(ratio, 0.9, 1.15) * adv[:, None])
+    per_token = -surrogate + 0.1 * (torch.exp(ref - logprobs) - (ref - logprobs) - 1)
+    loss = {"seq": ((per_token * mask).sum(-1) / mask.sum(-1)).mean(),
+            "token": (per_token * mask).sum() / mask.sum(),
+            "const": (per_token * mask).sum() / (len(mask) * 12)}[loss_agg]
+    loss.backward()
+    trl = gradients(model)
+    mine, stats = gradient_of_update(model, rollout, adv, cfg, old_logprobs=old, ref_logprobs=ref)
+    worst = max((trl[n] - mine[n]).abs().max().item() for n in trl)
+    print(f"{loss_agg}: max |grad rlino - grad TRL formula| = {worst:.2e}, clip_frac {stats['clip_frac']:.3f}")
+    assert stats["clip_frac"] > 0 and stats["kl"] > 0, "the comparison must exercise the clip and the KL"
+    assert stats["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert_same_gradients(trl, mine, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("algo", rlino.ALGOS)
+def test_an_update_raises_good_samples_and_lowers_bad_ones(tiny, mixed, algo):
+    """The sign of the whole thing: one small SGD step makes rewarded completions likelier, unrewarded ones
+    less."""
+    model, _ = tiny
+    rollout, rewards, adv = mixed
+    weights = None if algo == "grpo" else rlino.fisft_sample_weights(rewards, adv, algo, "adv")
+    cfg = resolved(max_new_tokens=12, max_grad_norm=1e9)
+
+    def log_likelihood():
+        logprobs = rlino.rollout_logprobs(model, rollout, micro_batch=12, temperature=cfg.temperature)
+        return (logprobs * rollout.completion_mask).sum(-1)
+
+    before = log_likelihood()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    rlino.update(model, opt, rollout, adv, cfg, sample_weights=weights)
+    opt.step()
+    change = log_likelihood() - before
+    trained = adv != 0 if weights is None else weights != 0
+    assert (change[trained & (adv > 0)] > 0).all() and (change[trained & (adv < 0)] < 0).all(), change
+
+
+def test_completion_logprobs_equal_a_full_forward(tiny):
+    """The LM head only on the positions that predict completion tokens gives the log-probs of a plain forward
+    over every position at the same temperature, and 0 after each completion's end."""
+    model, _ = tiny
+    rollout = random_rollout()
+    for temperature in (1.0, 0.6):
+        logprobs = rlino.completion_logprobs(model, rollout, temperature=temperature)        # (N, T)
+        with torch.no_grad():
+            torch.testing.assert_close(logprobs, full_forward_logprobs(model, rollout, temperature))
+    assert (logprobs[rollout.completion_mask == 0] == 0).all() and (rollout.completion_mask == 0).any()
+
+
+def test_micro_batching_does_not_change_the_gradient(tiny, mixed):
+    """L is a sum over tokens: accumulating it over micro-batches of 1 or of 12 rows gives one gradient."""
+    model, _ = tiny
+    rollout, _, adv = mixed
+    grads = [gradient_of_update(model, rollout, adv, resolved(max_new_tokens=12, micro_batch=size,
+                                                              max_grad_norm=1e9))[0] for size in (1, 12)]
+    assert_same_gradients(*grads, atol=1e-6, rtol=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_gradient(tiny, mixed):
+    """--grad-ckpt recomputes activations in the backward pass: the same gradient."""
+    model, _ = tiny
+    rollout, _, adv = mixed
+    cfg = resolved(max_new_tokens=12, micro_batch=6, max_grad_norm=1e9)
+    model.train()
+    plain, _ = gradient_of_update(model, rollout, adv, cfg)
+    model.activation_checkpointing_enable()  # what --grad-ckpt turns on
+    checkpointed, _ = gradient_of_update(model, rollout, adv, cfg)
+    assert model.is_activation_checkpointing
+    assert_same_gradients(checkpointed, plain)
+
+
+# --------------------------------------------------------------------------- (c) clipping and KL
+@pytest.mark.parametrize("advantage,ratio,grad_flows", [
+    (1.0, 1.5, False),   # A > 0, ratio above 1 + eps: clipped, no gradient
+    (1.0, 0.5, True),    # A > 0, ratio below 1 - eps: the unclipped term is the minimum, gradient flows
+    (-1.0, 0.5, False),  # A < 0, ratio below 1 - eps: clipped
+    (-1.0, 1.5, True),   # A < 0, ratio above 1 + eps: gradient flows (pessimistic bound)
+    (1.0, 1.1, True),    # inside the trust region
+])
+def test_clipping_stops_the_gradient_on_the_right_side(advantage, ratio, grad_flows):
+    """min(rho A, clip(rho, 1 - eps, 1 + eps_high) A): no gradient exactly where the clip is the minimum."""
+    logprobs = torch.tensor([[math.log(ratio)]], requires_grad=True)
+    loss, clipped = rlino.grpo_token_loss(logprobs, torch.zeros(1, 1), torch.tensor([advantage]), 0.2, 0.2)
+    loss.sum().backward()
+    assert (logprobs.grad.abs().item() > 0) == grad_flows
+    assert bool(clipped.item()) == (not grad_flows)
+
+
+def test_kl_k3_nonnegative_and_zero_at_reference():
+    """k3 = exp(r) - r - 1 with r = log pi_ref - log pi: >= 0, and 0 where pi = pi_ref."""
+    g = torch.Generator().manual_seed(0)
+    logprobs, ref = -torch.rand(4, 7, generator=g) * 5, -torch.rand(4, 7, generator=g) * 5
+    assert (rlino.kl_k3(logprobs, ref) >= 0).all()
+    assert torch.equal(rlino.kl_k3(logprobs, logprobs), torch.zeros(4, 7))
+
+
+def test_kl_term_pulls_towards_reference(tiny):
+    """beta * k3: no gradient when the policy is the reference, a gradient when it is not."""
+    model, _ = tiny
+    rollout = random_rollout()
+    cfg = resolved(max_new_tokens=12, micro_batch=12, max_grad_norm=1e9, beta=1.0)
+    ref = rlino.rollout_logprobs(model, rollout, micro_batch=12, temperature=cfg.temperature)
+    _, stats = gradient_of_update(model, rollout, torch.zeros(12), cfg, ref_logprobs=ref)
+    assert abs(stats["kl"]) < 1e-6 and stats["grad_norm"] < 1e-5
+    shifted = ref - 0.5 * rollout.completion_mask
+    _, stats = gradient_of_update(model, rollout, torch.zeros(12), cfg, ref_logprobs=shifted)
+    assert stats["kl"] > 0 and stats["grad_norm"] > 0
+
+
+def test_clip_frac_and_kl_are_means_over_all_completion_tokens(tiny):
+    """TRL's metric definitions: clipped tokens / all completion tokens of the step, and the mean k3 over them,
+    also when the rows of an all-equal group are skipped."""
+    model, _ = tiny
+    rollout = random_rollout()
+    mask = rollout.completion_mask
+    adv = rlino.group_advantages(torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 0, 1, 1, 1, 0]), 4)  # group 2: no signal
+    cfg = resolved(max_new_tokens=12, micro_batch=5, max_grad_norm=1e9, clip_eps=0.1)
+    with torch.no_grad():
+        now = full_forward_logprobs(model, rollout, cfg.temperature)
+    old = now + 0.3 * torch.randn(now.shape, generator=torch.Generator().manual_seed(2)) * mask
+    _, stats = gradient_of_update(model, rollout, adv, cfg, old_logprobs=old)
+    _, clipped = rlino.grpo_token_loss(now, old, adv, 0.1, 0.1)
+    assert stats["update_rows"] == 8 and stats["clip_frac"] > 0
+    assert stats["clip_frac"] == pytest.approx(((clipped * mask).sum() / mask.sum()).item(), rel=1e-6)
+    ref = now - 0.4 * mask
+    _, stats = gradient_of_update(model, rollout, adv, resolved(max_new_tokens=12, beta=0.5), ref_logprobs=ref)
+    expected_kl = (rlino.kl_k3(now, ref) * mask).sum() / mask.sum()
+    assert stats["kl"] == pytest.approx(expected_kl.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("algo, expected_calls", [("grpo", 1), ("fisft+-", 0)])
+def test_old_logprobs_only_where_the_ratio_needs_them(tiny, mixed, monkeypatch, algo, expected_calls):
+    """With mu = 2, pi_old's log-probs are computed for GRPO's ratio; F-ISFT has no ratio and skips them."""
+    model, _ = tiny
+    rollout, rewards, adv = mixed
+    calls = []
+    real = rlino.rollout_logprobs
+    monkeypatch.setattr(rlino, "rollout_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    weights = None if algo == "grpo" else rlino.fisft_sample_weights(rewards, adv, algo, "adv")
+    cfg = resolved(algo=algo, ppo_epochs=2, max_new_tokens=12, micro_batch=12)
+    stats = rlino.optimise(model, torch.optim.SGD(model.parameters(), lr=1e-3), rollout, adv, cfg,
+                           sample_weights=weights)
+    assert len(calls) == expected_calls and stats["finite"]
+
+
+# --------------------------------------------------------------------------- (d) the length effect
+def test_seq_aggregation_makes_long_answers_cheap_per_token():
+    """seq: weight 1/(N |o_i|), a long answer's tokens weigh less; token (DAPO) and const (Dr. GRPO) do not."""
+    lengths = torch.tensor([10, 20, 40])
+    mask = (torch.arange(40)[None] < lengths[:, None]).float()
+    per_token = rlino.token_weights(mask, "seq", max_new_tokens=40)[:, 0]
+    torch.testing.assert_close(per_token * lengths, torch.full((3,), 1 / 3))  # weight = 1/(N |o_i|)
+    assert per_token[0] == 2 * per_token[1] == 4 * per_token[2]
+    for agg in ("token", "const"):
+        w = rlino.token_weights(mask, agg, max_new_tokens=40)[:, 0]
+        assert torch.equal(w, w[:1].expand(3)), agg  # the same for every sequence, whatever its length
+    assert rlino.token_weights(mask, "const", max_new_tokens=40)[0, 0] == 1 / (3 * 40)
+    assert rlino.token_weights(mask, "token", max_new_tokens=40)[0, 0] == 1 / 70
+
+
+# --------------------------------------------------------------------------- (e) the sampler
+def test_sampler_draws_from_exp_of_the_update_logprobs(tiny, monkeypatch):
+    """The distribution each token is drawn from, softmax(logits / T), is exp of the update's log-probs at T;
+    the entropy metric is that distribution's."""
+    model, tokenizer = tiny
+    drawn = []  # per decode step, for the live rows: the drawn token's log-prob and the entropy, both at T
+    real = rlino.next_tokens
+
+    def recording(logits, temperature, top_p, generator):
+        token = real(logits, temperature, top_p, generator)
+        logprobs = torch.log_softmax(logits / temperature, -1)
+        drawn.append((logprobs.gather(-1, token[:, None])[:, 0], -(logprobs.exp() * logprobs).sum(-1)))
+        return token
+
+    monkeypatch.setattr(rlino, "next_tokens", recording)
+    prompts = [tokenizer(t)["input_ids"] for t in ["What is 2+2?", "Hi"]]
+    stop = [tokenizer.convert_tokens_to_ids("e")]  # a common character: rows stop at different steps
+    rollout = rlino.sample(model, prompts, max_new_tokens=12, stop_ids=stop, group_size=3, temperature=0.6,
+                           generator=torch.Generator().manual_seed(0))
+    sampled, entropy = torch.zeros_like(rollout.completion_mask), torch.zeros_like(rollout.completion_mask)
+    live = list(range(6))
+    for t, (logprobs, entropies) in enumerate(drawn):
+        sampled[live, t], entropy[live, t] = logprobs, entropies
+        live = [row for row in live if rollout.completion_ids[row, t] not in stop]
+    assert rollout.lengths.min() < rollout.lengths.max(), "the test needs rows that stop at different steps"
+    update_logprobs = rlino.completion_logprobs(model, rollout, temperature=0.6).detach()
+    torch.testing.assert_close(update_logprobs, sampled, atol=1e-5, rtol=1e-5)
+    untempered = rlino.completion_logprobs(model, rollout, temperature=1.0).detach()
+    assert (untempered - sampled).abs().max() > 0.01  # the temperature matters
+    torch.testing.assert_close(rollout.entropy, entropy.sum(-1) / rollout.lengths)
+
+
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_sampler_greedy_equals_generate(tiny, group_size):
+    """Greedy, every row equals generate's, also when G rows share their prompt's cache and after rows of other
+    groups have stopped and left the batch."""
+    model, tokenizer = tiny
+    model.eval()
+    prompts = [tokenizer(t)["input_ids"] for t in ["What is 2+2?", "Hi", "A longer prompt, of more tokens."]]
+    ids, mask = rlino.left_pad(prompts, tokenizer.pad_token_id)
+    free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                          eos_token_id=None, pad_token_id=2)[:, ids.shape[1]:]
+    stop = int(free[0, 5])  # a token the first row emits mid-way: rows stop at different times
+    expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                              eos_token_id=[stop], pad_token_id=stop)[:, ids.shape[1]:]
+    rollout = rlino.sample(model, prompts, max_new_tokens=16, stop_ids=[stop], group_size=group_size)
+    assert rollout.lengths.min() < 16, "the test needs a row that stops early"
+    for row in range(3 * group_size):
+        n, reference = int(rollout.lengths[row]), expected[row // group_size]
+        assert rollout.completion_ids[row, :n].tolist() == reference[:n].tolist()
+        assert bool(rollout.truncated[row]) == (stop not in reference.tolist())
+        assert rollout.completion_mask[row].sum() == n
+
+
+def test_sampler_is_seeded_and_groups_share_their_prompt(tiny):
+    """The same (seed, step, chunk) draws the same completions; another step draws others."""
+    model, tokenizer = tiny
+    prompts = [tokenizer(t)["input_ids"] for t in ["abc", "a longer one"]]
+
+    def draw(step):
+        return rlino.sample(model, prompts, max_new_tokens=10, stop_ids=[2], group_size=3, temperature=1.0,
+                            top_p=0.9, generator=rlino.sampler_generator(0, step, 0, "cpu"))
+
+    runs = [draw(1), draw(1)]
+    assert torch.equal(runs[0].completion_ids, runs[1].completion_ids)
+    assert not torch.equal(runs[0].completion_ids, draw(2).completion_ids)
+    assert torch.equal(runs[0].prompt_ids[0], runs[0].prompt_ids[2]) and runs[0].prompt_ids.shape[0] == 6
+
+
+def test_top_p_keeps_only_the_nucleus():
+    """Nucleus sampling: only the smallest set of tokens holding top_p of the probability is ever drawn."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    drawn = {int(rlino.next_tokens(logits, 1.0, 0.7, g)) for _ in range(200)}
+    assert drawn == {0, 1}
+
+
+def test_next_tokens_follows_the_distribution_and_never_draws_a_zero():
+    """The inverse-CDF draw follows softmax(logits / T): p at T = 1, p^2 renormalised at T = 0.5."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    logits = torch.log(probs).expand(20000, 5)                             # 20,000 rows, one draw each
+    drawn = rlino.next_tokens(logits, 1.0, 1.0, torch.Generator().manual_seed(0))
+    freq = torch.bincount(drawn, minlength=5).float() / len(drawn)
+    assert freq[4] == 0                                                    # -inf logit: never drawn
+    assert (freq - probs).abs().max() < 0.015, freq                        # 4-5 standard errors
+    hot = rlino.next_tokens(logits, 0.5, 1.0, torch.Generator().manual_seed(0))
+    expected = probs ** 2 / (probs ** 2).sum()
+    assert (torch.bincount(hot, minlength=5).float() / len(hot) - expected).abs().max() < 0.015
+
+
+def greedy_matches_generate(sampler, prompts, max_new_tokens=10, group_size=1) -> None:
+    """Assert that rlino's greedy rows equal `generate`'s on `sampler` (stop token 2)."""
+    ids, mask = rlino.left_pad(prompts, 2)
+    expected = sampler.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                do_sample=False, eos_token_id=[2], pad_token_id=2)[:, ids.shape[1]:]
+    rollout = rlino.sample(sampler, prompts, max_new_tokens=max_new_tokens, stop_ids=[2], group_size=group_size)
+    for row, n in enumerate(rollout.lengths.tolist()):
+        assert rollout.completion_ids[row, :n].tolist() == expected[row // group_size, :n].tolist()
+
+
+def test_sampler_keeps_sliding_window_attention(tiny):
+    """A model with sliding-window layers keeps transformers' cache and masks: greedy still equals generate's
+    with prompts longer than the window."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    _, tokenizer = tiny
+    config = Qwen2Config(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
+                         max_window_layers=1, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).eval()
+    assert not rlino.full_attention_only(model)
+    greedy_matches_generate(model, [tokenizer(t)["input_ids"] for t in ["What is 2+2, again?", "Hi there"]],
+                            group_size=2)
+
+
+def test_preallocated_cache_is_written_in_place(tiny):
+    """PreallocatedLayer: one buffer, written in place, holding what transformers' DynamicCache holds."""
+    model, tokenizer = tiny
+    cache = rlino.kv_cache(model, 20)
+    ids = torch.tensor([tokenizer("abcd")["input_ids"]])
+    with torch.no_grad():
+        model(input_ids=ids, cache=cache, use_cache=True)
+        layer = cache.layers[0]
+        buffer = layer.key_buffer.data_ptr()
+        model(input_ids=ids[:, :1], cache=cache, use_cache=True)
+    assert layer.key_buffer.data_ptr() == buffer and layer.key_buffer.shape[2] == 20
+    assert layer.keys.shape[2] == ids.shape[1] + 1 == cache.get_seq_length()
+    reference = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=torch.cat([ids, ids[:, :1]], 1), cache=reference, use_cache=True)
+    torch.testing.assert_close(layer.keys, reference.layers[0].keys)
+    torch.testing.assert_close(layer.values, reference.layers[0].values)
+
+
+def test_sampler_model_is_a_bf16_copy_that_follows_the_policy(tiny):
+    """--sampler-dtype bfloat16: a bf16 copy (fp32 buffers, tied head), refreshed to the policy, greedy equal to
+    generate on the copy, also without padding (an all-ones decode mask)."""
+    model, tokenizer = tiny
+    assert rlino.sampler_model(model, "float32") is model
+    sampler = rlino.sampler_model(model, "bfloat16")
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in sampler.parameters())
+    assert all(b.dtype == c.dtype for b, c in zip(sampler.buffers(), model.buffers()))  # rotary frequencies: fp32
+    assert sampler.get_input_embeddings().weight is sampler.get_output_embeddings().weight  # still tied
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert not torch.equal(next(sampler.parameters()).float(), next(model.parameters()))
+    rlino.refresh_sampler(sampler, model)
+    for mine, policy in zip(sampler.parameters(), model.parameters()):
+        assert torch.equal(mine, policy.to(torch.bfloat16))
+    prompts = [tokenizer(t)["input_ids"] for t in ["What is 2+2?", "Hi"]]
+    greedy_matches_generate(sampler, prompts)
+    greedy_matches_generate(sampler, prompts[:1])
+
+
+def test_sampler_dtype_auto_is_resolved_and_saved():
+    """--sampler-dtype auto: bf16 on CUDA and on CPUs with AVX512-BF16, fp32 elsewhere."""
+    assert resolved().sampler_dtype == ("bfloat16" if torch.cpu._is_avx512_bf16_supported() else "float32")
+    assert resolved(sampler_dtype="float32").sampler_dtype == "float32"
+    cuda = rlino.resolve_config(rlino.Config(), torch.device("cuda"))
+    assert cuda.sampler_dtype == "bfloat16"
+
+
+# --------------------------------------------------------------------------- (f) main() end to end
+def toy_reward(completion: str, example: dict, format_reward: float = 0.0) -> float:
+    """A reward a random tiny model can earn sometimes: an odd number of 'a's."""
+    return float(completion.count("a") % 2)
+
+
+def alternating_reward():
+    """A reward that alternates 1, 0, 1, ... call by call: every group is mixed, every row has an advantage."""
+    calls = iter(range(10**9))
+    return lambda completion, example, format_reward=0.0: float(next(calls) % 2 == 0)
+
+
+TINY_RUN = ["--task", "arith", "--steps", "2", "--prompts-per-step", "2", "--group-size", "4",
+            "--max-new-tokens", "12", "--lr", "1e-2", "--eval-size", "4", "--micro-batch", "3"]
+STEP_KEYS = {"step", "reward_mean", "loss", "grad_norm", "lr", "len_mean", "len_correct", "len_incorrect",
+             "truncated_frac", "zero_std_frac", "kl", "clip_frac", "entropy", "time_sample", "time_update",
+             "tokens_per_s", "len_correct_p50", "len_incorrect_p90", "truncated_frac_incorrect"}
+
+
+def test_training_samples_from_the_updated_policy(tiny_dir, tmp_path, monkeypatch):
+    """With --sampler-dtype bfloat16, each step's rollouts come from the policy as the previous update left it
+    (rounded to bf16), and the evaluation from the policy itself."""
+    monkeypatch.setattr(tasks.get_task("arith"), "reward", alternating_reward())
+    sampled_with, policy_after, evaluated_with = [], [], []
+    real_collect, real_optimise, real_evaluate = rlino.collect_rollouts, rlino.optimise, rlino.evaluate
+
+    def collect(model, *args, **kwargs):
+        sampled_with.append(parameters(model))
+        return real_collect(model, *args, **kwargs)
+
+    def optimise(model, *args, **kwargs):
+        stats = real_optimise(model, *args, **kwargs)
+        policy_after.append(parameters(model))
+        return stats
+
+    def evaluate(model, *args, **kwargs):
+        evaluated_with.append(next(model.parameters()).dtype)
+        return real_evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(rlino, "collect_rollouts", collect)
+    monkeypatch.setattr(rlino, "optimise", optimise)
+    monkeypatch.setattr(rlino, "evaluate", evaluate)
+    rlino.main([*TINY_RUN, "--steps", "3", "--sampler-dtype", "bfloat16", "--model", str(tiny_dir),
+                "--out", str(tmp_path / "run")])
+    assert len(sampled_with) == 3 and len(policy_after) == 3 and evaluated_with == [torch.float32] * 2
+    for step in (1, 2):
+        assert all(torch.equal(mine, policy.to(torch.bfloat16))
+                   for mine, policy in zip(sampled_with[step], policy_after[step - 1]))
+    assert not all(torch.equal(a, b) for a, b in zip(sampled_with[1], sampled_with[2]))
+
+
+@pytest.mark.parametrize("algo", rlino.ALGOS)
+def test_main_two_steps_writes_the_run_and_changes_parameters(tiny_dir, tmp_path, monkeypatch, algo):
+    monkeypatch.setattr(tasks.get_task("arith"), "reward", toy_reward)
+    out = tmp_path / "run"
+    rlino.main([*TINY_RUN, "--algo", algo, "--model", str(tiny_dir), "--out", str(out)])
+    config = json.loads((out / "config.json").read_text())
+    assert config["algo"] == algo and config["group_size"] == 4 and config["sampler_dtype"] != "auto"
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [0, 1, 2]
+    assert "eval_accuracy" in lines[0] and "eval_accuracy" in lines[-1]
+    for line in lines[1:]:
+        assert STEP_KEYS <= line.keys(), STEP_KEYS - line.keys()
+    assert (out / "samples.jsonl").read_text().count("\n") == 4
+    from transformers import AutoModelForCausalLM
+    before = AutoModelForCausalLM.from_pretrained(tiny_dir).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    unchanged = [n for n in before if torch.equal(before[n], after[n])]
+    assert not unchanged, f"{algo}: parameters that did not change: {unchanged}"
+
+
+# --------------------------------------------------------------------------- (g) the real embedded model
+def test_embedded_smollm2_loads_samples_and_updates():
+    device = torch.device("cpu")
+    model, tokenizer = rlino.load_model(rlino.EMBEDDED_MODEL, device)
+    assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
+    task = tasks.get_task("arith")
+    examples = task.load("test", limit=2)
+    prompts = rlino.encode_prompts(task, examples, tokenizer, "auto")
+    stop = rlino.stop_token_ids(tokenizer, model)
+    assert tokenizer.decode(stop[0]) == "<|im_end|>"
+    rollout = rlino.sample(model, prompts, max_new_tokens=8, stop_ids=stop, group_size=2, temperature=0.8,
+                           generator=rlino.sampler_generator(0, 0, 0, device))
+    assert rollout.completion_ids.shape[0] == 4 and 1 <= int(rollout.lengths.max()) <= 8
+    cfg = resolved(max_new_tokens=8, micro_batch=4, max_grad_norm=1.0)
+    before = model.model.layers[0].self_attn.q_proj.weight.clone()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    stats = rlino.update(model, opt, rollout, torch.tensor([1.0, -1.0, -1.0, 1.0]), cfg)
+    opt.step()
+    assert math.isfinite(stats["loss"]) and stats["grad_norm"] > 0
+    assert not torch.equal(before, model.model.layers[0].self_attn.q_proj.weight)
+
+
+# --------------------------------------------------------------------------- evaluation, pass@k, plots
+def test_pass_at_k_unbiased_estimator():
+    assert rlino.pass_at_k(4, 0, 1) == 0.0 and rlino.pass_at_k(4, 4, 4) == 1.0
+    assert rlino.pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert rlino.pass_at_k(4, 1, 2) == pytest.approx(1 - math.comb(3, 2) / math.comb(4, 2))  # 0.5
+    assert rlino.pass_at_k(10, 3, 5) == pytest.approx(1 - math.comb(7, 5) / math.comb(10, 5))
+
+
+def test_eval_only_writes_accuracy_pass_at_k_and_lengths(tiny_dir, tmp_path):
+    out = tmp_path / "eval"
+    result = rlino.main(["--eval-only", "--model", str(tiny_dir), "--task", "arith", "--eval-size", "6",
+                         "--eval-samples", "4", "--max-new-tokens", "8", "--temperature", "1.0", "--out", str(out)])
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["eval_n"] == 6 and saved["eval_accuracy"] == result["eval_accuracy"]
+    assert {"eval_pass@1", "eval_pass@2", "eval_pass@4", "eval_len_incorrect", "eval_len_incorrect_p90"} <= saved.keys()
+    assert saved["eval_pass@1"] <= saved["eval_pass@2"] <= saved["eval_pass@4"]
+
+
+def write_run(folder: Path, algo: str, seed: int, steps: int = 5) -> Path:
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"algo": algo, "loss_agg": "seq", "seed": seed,
+                                                    "task": "arith", "model": "smollm2"}))
+    rows = [{"step": s, **({"reward_mean": 0.1 * s, "len_correct": 50 + s, "len_incorrect": 80 + 3 * s} if s else {}),
+             **({"eval_accuracy": 0.2 + 0.05 * s} if s % 2 == 0 else {})} for s in range(steps)]
+    rows[1]["len_correct"] = None  # a step with no correct answer
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_plot_draws_a_png_from_run_folders(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is in requirements.txt; --plot needs it")
+    runs = [str(write_run(tmp_path / name, algo, seed)) for name, algo, seed in
+            [("a", "grpo", 0), ("b", "fisft+-", 1)]]
+    png = tmp_path / "fig.png"
+    rlino.main(["--plot", *runs, "--out", str(png)])
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    from matplotlib import image
+    pixels = image.imread(png)
+    assert pixels.shape[1] > 1000 and pixels[..., :3].std() > 0.05  # four panels, with something drawn
+
+
+def test_results_table_averages_over_seeds(tmp_path, capsys):
+    runs = [str(write_run(tmp_path / f"{algo}{seed}", algo, seed, steps=3 + seed))
+            for algo in ("grpo", "fisft+-") for seed in (0, 1)]
+    rlino.main(["--table", *runs])
+    table = capsys.readouterr().out.strip().splitlines()
+    assert len(table) == 4 and table[2].startswith("| arith | smollm2 | fisft+- | seq | 2 |")
+    # both seeds evaluate last at step 2: accuracy 0.20 -> 0.30; wrong answers 83 long at step 1, 86 and 89 at the end
+    cells = [c.strip() for c in table[3].split("|")[1:-1]]
+    assert cells[2] == "grpo" and cells[5:8] == ["0.200 ± 0.000", "0.300 ± 0.000", "0.100 ± 0.000"]
+    assert cells[8:11] == ["83.000 ± 0.000", "87.500 ± 2.121", "-"]
+
+
+def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit) as exit_info:
+        rlino.main(["--plot", str(write_run(tmp_path / "a", "grpo", 0)), "--out", str(tmp_path / "f.png")])
+    assert exit_info.value.code == 2 and "pip install matplotlib" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- checkpoints and resume
+def comparable(metrics_line: dict) -> dict:
+    """A metrics line without the timings, which differ from run to run."""
+    return {k: v for k, v in metrics_line.items() if not k.startswith("time_") and k != "tokens_per_s"}
+
+
+def test_resume_continues_bit_for_bit(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(tasks.get_task("arith"), "reward", toy_reward)
+    run = [*TINY_RUN, "--algo", "grpo", "--model", str(tiny_dir), "--steps", "4", "--eval-size", "2"]
+    rlino.main([*run, "--out", str(tmp_path / "straight")])
+    rlino.main([*run, "--out", str(tmp_path / "split"), "--steps", "2"])
+    assert [p.name for p in rlino.checkpoint_paths(tmp_path / "split")] == ["step-2.pt"]
+    rlino.main(["--resume", str(tmp_path / "split"), "--steps", "4"])
+    lines = {name: [comparable(json.loads(x)) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+             for name in ("straight", "split")}
+    train_lines = {name: [{k: v for k, v in x.items() if not k.startswith("eval_")} for x in rows if x["step"] > 0]
+                   for name, rows in lines.items()}
+    assert [x["step"] for x in train_lines["split"]] == [1, 2, 3, 4]
+    assert train_lines["straight"] == train_lines["split"]
+    assert any(x["grad_norm"] > 0 for x in train_lines["split"][2:]), "the resumed steps must update"
+    straight = torch.load(rlino.checkpoint_paths(tmp_path / "straight")[-1], weights_only=False)["model"]
+    resumed = torch.load(rlino.checkpoint_paths(tmp_path / "split")[-1], weights_only=False)["model"]
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    with pytest.raises(SystemExit):  # a finished run is not trained again by accident
+        rlino.main(["--resume", str(tmp_path / "split")])
+
+
+def test_checkpoints_are_rotated_and_atomic(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(tasks.get_task("arith"), "reward", toy_reward)
+    out = tmp_path / "run"
+    rlino.main([*TINY_RUN, "--model", str(tiny_dir), "--out", str(out), "--steps", "3", "--save-every", "1",
+                "--keep-checkpoints", "2", "--eval-size", "1"])
+    assert [p.name for p in rlino.checkpoint_paths(out)] == ["step-2.pt", "step-3.pt"]
+    assert not list((out / "checkpoints").glob("*.tmp"))
+    state = torch.load(rlino.checkpoint_paths(out)[-1], weights_only=False)
+    assert {"model", "optimizer", "scheduler", "stream", "rng", "step"} <= state.keys() and state["step"] == 3
+
+
+def test_nonfinite_updates_are_skipped_then_stop(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(tasks.get_task("arith"), "reward", alternating_reward())
+    monkeypatch.setattr(rlino, "fisft_token_loss", lambda logprobs, w: logprobs * float("nan"))
+    run = [*TINY_RUN, "--algo", "fisft+-", "--model", str(tiny_dir), "--eval-size", "1"]
+    rlino.main([*run, "--out", str(tmp_path / "a"), "--steps", "2", "--max-nonfinite", "3"])
+    lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()][1:]
+    assert [x["skipped_nonfinite"] for x in lines] == [1, 1] and lines[0]["loss"] is None  # NaN -> null in JSON
+    from transformers import AutoModelForCausalLM
+    before = AutoModelForCausalLM.from_pretrained(tiny_dir).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "model").state_dict()
+    assert all(torch.equal(before[n], after[n]) for n in before)  # every update skipped: no NaN in the weights
+    with pytest.raises(SystemExit) as exit_info:
+        rlino.main([*run, "--out", str(tmp_path / "b"), "--steps", "5", "--max-nonfinite", "2"])
+    assert "2 updates in a row had a non-finite loss or gradient" in str(exit_info.value.code)
+    assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 3  # eval at 0, then steps 1 and 2
+
+
+def test_cuda_out_of_memory_halves_the_batch_until_it_fits(tiny_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tasks.get_task("arith"), "reward", alternating_reward())
+    real_logprobs, real_sample = rlino.completion_logprobs, rlino.sample
+
+    def logprobs_fitting_two_rows(model, rows, **kwargs):
+        if rows.completion_ids.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_logprobs(model, rows, **kwargs)
+
+    def sample_fitting_one_prompt(model, prompts, *args, **kwargs):
+        if len(prompts) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_sample(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(rlino, "completion_logprobs", logprobs_fitting_two_rows)
+    monkeypatch.setattr(rlino, "sample", sample_fitting_one_prompt)
+    out = tmp_path / "run"
+    rlino.main([*TINY_RUN, "--model", str(tiny_dir), "--out", str(out), "--micro-batch", "8", "--sample-batch", "2",
+                "--eval-size", "1", "--eval-batch", "1"])
+    printed = capsys.readouterr().out
+    assert "retrying with --sample-batch 1" in printed
+    assert "retrying with --micro-batch 4" in printed and "retrying with --micro-batch 2" in printed
+    assert (out / "model").exists()
+    monkeypatch.setattr(rlino, "sample", lambda *a, **k: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("x")))
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # at 1 it gives up
+        rlino.main([*TINY_RUN, "--model", str(tiny_dir), "--out", str(tmp_path / "b"), "--sample-batch", "1",
+                    "--eval-size", "1", "--eval-batch", "1"])
+
+
+# --------------------------------------------------------------------------- the command line
+
 def test_config_parser_exposes_every_field():
     helptext = rlino.build_parser().format_help()
     for f in rlino.dataclasses.fields(rlino.Config):
@@ -101,6 +800,105 @@ def test_resolve_config_presets_and_overrides():
         (5, 0.6, 1e-6, 64, 1024)
     with pytest.raises(rlino.UsageError):
         rlino.resolve_config(rlino.Config(group_size=1), torch.device("cpu"))
+
+
+def run_cli(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(HERE / "rlino.py"), *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+def bad_data_dir(tmp_path: Path, lines: list[str]) -> Path:
+    (tmp_path / "gsm8k").mkdir(parents=True)
+    for split in ("train", "test"):
+        (tmp_path / "gsm8k" / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("case", ["task", "algo", "model", "unreadable", "no_fields", "run_exists", "steps"])
+def test_bad_input_is_one_line_and_exit_2(case, tiny_dir, tmp_path):
+    args = {"task": lambda: ["--task", "chess"],
+            "algo": lambda: ["--algo", "ppo"],
+            "model": lambda: ["--task", "arith", "--model", str(tmp_path / "no-such-model")],
+            "unreadable": lambda: ["--data-dir", str(bad_data_dir(tmp_path / "d", ["{not json"]))],
+            "no_fields": lambda: ["--data-dir", str(bad_data_dir(tmp_path / "d", ['{"q": 1}', '{"x": 2}']))],
+            "run_exists": lambda: ["--task", "arith", "--model", str(tiny_dir), "--out", str(HERE)],
+            "steps": lambda: ["--task", "arith", "--steps", "0"]}[case]()
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = [x for x in result.stderr.splitlines() if x.startswith("rlino: error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    print(case, "->", lines[0])
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_goes_on(tiny_dir, tmp_path):
+    import signal
+    out = tmp_path / "run"
+    args = ["--task", "arith", "--model", str(tiny_dir), "--steps", "200", "--prompts-per-step", "2",
+            "--group-size", "2", "--max-new-tokens", "4", "--eval-size", "1", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, str(HERE / "rlino.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    for line in proc.stdout:
+        if line.startswith("iter 2:"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == 0, rest
+    assert "continue with: python rlino.py --resume" in rest
+    stopped_at = rlino.checkpoint_paths(out)[-1]
+    step = int(stopped_at.stem.split("-")[1])
+    assert 2 <= step < 200
+    result = run_cli("--resume", str(out), "--steps", str(step + 2))
+    assert result.returncode == 0, result.stderr
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(step + 3)) and (out / "model" / "config.json").exists()
+
+
+# --------------------------------------------------------------------------- data parallel (torchrun, gloo)
+LAUNCHER = """
+import sys
+sys.path.insert(0, {here!r})
+import rlino, tasks, test_rlino
+tasks.get_task("arith").reward = test_rlino.alternating_reward()  # every group mixed, whatever the rank
+rlino.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("loss_agg, algorithm", [
+    ("seq", ["--ppo-epochs", "2", "--clip-eps", "0.02", "--beta", "0.05"]),  # mu > 1: ratios, clipping and KL
+    ("token", []),
+])
+def test_two_processes_equal_one_process(tiny_dir, tmp_path, loss_agg, algorithm):
+    """DDP over 2 gloo ranks: the same metrics (clip_frac and kl included) and parameters as one process."""
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(LAUNCHER.format(here=str(HERE)))
+    args = [*TINY_RUN, "--model", str(tiny_dir), "--prompts-per-step", "4", "--sample-batch", "2", *algorithm,
+            "--loss-agg", loss_agg, "--eval-size", "4", "--lr", "1e-3"]  # even eval counts keep the rewards aligned
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(launcher), *args, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(launcher), *args, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    print(two.stdout)
+    metrics = {n: [json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+               for n in ("one", "two")}
+    for a, b in zip(metrics["one"], metrics["two"]):
+        for key in ("reward_mean", "len_mean", "eval_accuracy", "eval_n"):
+            assert a.get(key) == b.get(key), key
+        for key in ("loss", "clip_frac", "kl"):
+            assert a.get(key, 0) == pytest.approx(b.get(key, 0), rel=1e-4, abs=1e-7), key
+    assert all(x["grad_norm"] > 0 for x in metrics["one"][1:]), "every step must update"
+    if algorithm:
+        assert all(x["clip_frac"] > 0 and x["kl"] > 0 for x in metrics["one"][1:]), metrics["one"]
+    from transformers import AutoModelForCausalLM
+    p1 = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "model").state_dict()
+    p2 = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "model").state_dict()
+    for name in p1:
+        # atol: 5 % of one Adam step (lr 1e-3); g / sqrt(v) magnifies the rounding of near-zero gradient entries
+        torch.testing.assert_close(p1[name], p2[name], atol=5e-5, rtol=1e-4, msg=name)
 
 
 # --------------------------------------------------------------------------- tasks: verifiers and data
@@ -543,637 +1341,3 @@ def test_prompts():
         content = get_task(name).prompt_messages(example)[-1]["content"]
         assert content.startswith(example[field]) and content.endswith("final answer within \\boxed{}.")
         assert get_task(name).prompt_text(example).rstrip().endswith("Assistant: Let me solve this step by step.")
-
-
-# --------------------------------------------------------------------------- (a) advantages
-def test_group_advantages_hand_computed():
-    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 4.0, 6.0, 8.0])
-    adv = rlino.group_advantages(rewards, 4, eps=0.0)
-    std2 = math.sqrt(5.0)  # population std of 2, 4, 6, 8
-    expected = torch.tensor([0.75 / math.sqrt(0.1875), -0.25 / math.sqrt(0.1875), -0.25 / math.sqrt(0.1875),
-                             -0.25 / math.sqrt(0.1875), -3 / std2, -1 / std2, 1 / std2, 3 / std2])
-    torch.testing.assert_close(adv, expected)
-    torch.testing.assert_close(rlino.group_advantages(rewards, 4, scale=False),
-                               torch.tensor([0.75, -0.25, -0.25, -0.25, -3.0, -1.0, 1.0, 3.0]))
-
-
-@pytest.mark.parametrize("n_correct,group_size", [(1, 4), (2, 5), (3, 4), (1, 8)])
-def test_binary_advantages_closed_form(n_correct, group_size):
-    p = n_correct / group_size
-    rewards = torch.tensor([1.0] * n_correct + [0.0] * (group_size - n_correct))
-    adv = rlino.group_advantages(rewards, group_size, eps=1e-8)
-    torch.testing.assert_close(adv[0], torch.tensor(math.sqrt((1 - p) / p)))
-    torch.testing.assert_close(adv[-1], torch.tensor(-math.sqrt(p / (1 - p))))
-
-
-def test_all_equal_group_gives_zero_not_nan():
-    adv = rlino.group_advantages(torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0]), 3)
-    assert torch.equal(adv, torch.zeros(6))
-
-
-def test_fisft_sample_weights():
-    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
-    adv = rlino.group_advantages(rewards, 4)
-    assert torch.equal(rlino.fisft_sample_weights(rewards, adv, "fisft+-", "adv"), adv)
-    assert torch.equal(rlino.fisft_sample_weights(rewards, adv, "fisft+", "unit"), torch.tensor([1.0, 0, 0, 1]))
-    assert torch.equal(rlino.fisft_sample_weights(rewards, adv, "fisft-", "unit"), torch.tensor([0.0, -1, -1, 0]))
-    plus = rlino.fisft_sample_weights(rewards, adv, "fisft+", "adv")
-    assert (plus[[0, 3]] > 0).all() and (plus[[1, 2]] == 0).all()
-
-
-# --------------------------------------------------------------------------- (b) the paper's reduction
-def gradients(model) -> dict:
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-@pytest.mark.parametrize("loss_agg", ["seq", "token", "const"])
-def test_grpo_gradient_equals_fisft_pm_gradient(tiny, loss_agg):
-    # The paper's assumptions: binary reward, one update per batch (ratio == 1), no KL.
-    model, _ = tiny
-    rollout = random_rollout()
-    rewards = torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1, 1, 1, 1, 0])
-    adv = rlino.group_advantages(rewards, 4)
-    cfg = resolved(loss_agg=loss_agg, max_new_tokens=12, micro_batch=5, max_grad_norm=1e9, beta=0.0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    amp = rlino.contextlib.nullcontext()
-    grpo = rlino.update(model, opt, rollout, adv, None, None, None, cfg, amp, world=1)
-    grad_grpo = gradients(model)
-    weights = rlino.fisft_sample_weights(rewards, adv, "fisft+-", "adv")
-    fisft = rlino.update(model, opt, rollout, adv, weights, None, None, cfg, amp, world=1)
-    grad_fisft = gradients(model)
-    assert grad_grpo.keys() == grad_fisft.keys() and len(grad_grpo) > 0
-    for name in grad_grpo:
-        torch.testing.assert_close(grad_grpo[name], grad_fisft[name], msg=name)
-    assert grpo["grad_norm"] > 0 and grpo["clip_frac"] == 0.0
-    assert fisft["grad_norm"] == pytest.approx(grpo["grad_norm"], rel=1e-5)  # the loss values differ; not the update
-
-
-@pytest.mark.parametrize("algo", rlino.ALGOS)
-def test_an_update_raises_good_samples_and_lowers_bad_ones(tiny, algo):
-    """The sign of the whole thing: one small SGD step makes rewarded completions likelier, unrewarded ones less."""
-    model, _ = tiny
-    rollout = random_rollout()
-    rewards = torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1, 1, 1, 1, 0])
-    adv = rlino.group_advantages(rewards, 4)
-    weights = None if algo == "grpo" else rlino.fisft_sample_weights(rewards, adv, algo, "adv")
-    amp = rlino.contextlib.nullcontext()
-    before = (rlino.rollout_logprobs(model, rollout, 12, amp) * rollout.completion_mask).sum(-1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    rlino.update(model, opt, rollout, adv, weights, None, None, resolved(max_new_tokens=12, max_grad_norm=1e9), amp, 1)
-    opt.step()
-    change = (rlino.rollout_logprobs(model, rollout, 12, amp) * rollout.completion_mask).sum(-1) - before
-    trained = adv != 0 if weights is None else weights != 0
-    assert (change[trained & (adv > 0)] > 0).all() and (change[trained & (adv < 0)] < 0).all(), change
-
-
-def test_completion_logprobs_equal_a_full_forward(tiny):
-    """The LM head only on the positions that predict completion tokens gives the log-probs of a plain forward over
-    every position, and 0 after each completion's end."""
-    model, _ = tiny
-    rollout = random_rollout()
-    logprobs = rlino.completion_logprobs(model, rollout, rlino.contextlib.nullcontext())           # (N, T)
-    input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
-    attention = torch.cat([rollout.prompt_mask, rollout.completion_mask.long()], 1)
-    with torch.no_grad():
-        logits = model(input_ids=input_ids, attention_mask=attention, position_ids=rlino.positions(attention)).logits
-    P = rollout.prompt_ids.shape[1]
-    full = torch.log_softmax(logits[:, P - 1:-1].float(), -1).gather(-1, rollout.completion_ids[..., None])[..., 0]
-    torch.testing.assert_close(logprobs, full * rollout.completion_mask)
-    assert (logprobs[rollout.completion_mask == 0] == 0).all() and (rollout.completion_mask == 0).any()
-
-
-def test_micro_batching_does_not_change_the_gradient(tiny):
-    model, _ = tiny
-    rollout = random_rollout()
-    adv = rlino.group_advantages(torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1, 1, 1, 1, 0]), 4)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    grads = []
-    for micro_batch in (1, 12):
-        cfg = resolved(loss_agg="seq", max_new_tokens=12, micro_batch=micro_batch, max_grad_norm=1e9)
-        rlino.update(model, opt, rollout, adv, None, None, None, cfg, rlino.contextlib.nullcontext(), world=1)
-        grads.append(gradients(model))
-    for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4, msg=name)
-
-
-def test_gradient_checkpointing_gives_the_same_gradient(tiny):
-    model, _ = tiny
-    rollout = random_rollout()
-    adv = rlino.group_advantages(torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1, 1, 1, 1, 0]), 4)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    cfg, amp = resolved(max_new_tokens=12, micro_batch=6, max_grad_norm=1e9), rlino.contextlib.nullcontext()
-    model.train()
-    rlino.update(model, opt, rollout, adv, None, None, None, cfg, amp, world=1)
-    plain = gradients(model)
-    model.activation_checkpointing_enable()  # what --grad-ckpt turns on
-    rlino.update(model, opt, rollout, adv, None, None, None, cfg, amp, world=1)
-    assert model.is_activation_checkpointing
-    for name, grad in gradients(model).items():
-        torch.testing.assert_close(grad, plain[name], msg=name)
-
-
-# --------------------------------------------------------------------------- (c) clipping and KL
-@pytest.mark.parametrize("advantage,ratio,grad_flows", [
-    (1.0, 1.5, False),   # A > 0, ratio above 1 + eps: clipped, no gradient
-    (1.0, 0.5, True),    # A > 0, ratio below 1 - eps: the unclipped term is the minimum, gradient flows
-    (-1.0, 0.5, False),  # A < 0, ratio below 1 - eps: clipped
-    (-1.0, 1.5, True),   # A < 0, ratio above 1 + eps: gradient flows (pessimistic bound)
-    (1.0, 1.1, True),    # inside the trust region
-])
-def test_clipping_stops_the_gradient_on_the_right_side(advantage, ratio, grad_flows):
-    logprobs = torch.tensor([[math.log(ratio)]], requires_grad=True)
-    loss, clipped = rlino.grpo_token_loss(logprobs, torch.zeros(1, 1), torch.tensor([advantage]), 0.2, 0.2)
-    loss.sum().backward()
-    assert (logprobs.grad.abs().item() > 0) == grad_flows
-    assert bool(clipped.item()) == (not grad_flows)
-
-
-def test_kl_k3_nonnegative_and_zero_at_reference():
-    g = torch.Generator().manual_seed(0)
-    logprobs, ref = -torch.rand(4, 7, generator=g) * 5, -torch.rand(4, 7, generator=g) * 5
-    assert (rlino.kl_k3(logprobs, ref) >= 0).all()
-    assert torch.equal(rlino.kl_k3(logprobs, logprobs), torch.zeros(4, 7))
-
-
-def test_kl_term_pulls_towards_reference(tiny):
-    model, _ = tiny
-    rollout = random_rollout()
-    cfg = resolved(loss_agg="seq", max_new_tokens=12, micro_batch=12, max_grad_norm=1e9, beta=1.0)
-    amp = rlino.contextlib.nullcontext()
-    ref = rlino.rollout_logprobs(model, rollout, 12, amp)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    stats = rlino.update(model, opt, rollout, torch.zeros(12), None, None, ref, cfg, amp, world=1)
-    assert abs(stats["kl"]) < 1e-6 and stats["grad_norm"] < 1e-5  # policy == reference: no KL, no gradient
-    shifted = ref - 0.5 * rollout.completion_mask
-    stats = rlino.update(model, opt, rollout, torch.zeros(12), None, None, shifted, cfg, amp, world=1)
-    assert stats["kl"] > 0 and stats["grad_norm"] > 0
-
-
-# --------------------------------------------------------------------------- (d) the length effect
-def test_seq_aggregation_makes_long_answers_cheap_per_token():
-    lengths = torch.tensor([10, 20, 40])
-    mask = (torch.arange(40)[None] < lengths[:, None]).float()
-    seq = rlino.token_weights(mask, "seq", 40)
-    per_token = seq[:, 0]
-    torch.testing.assert_close(per_token * lengths, torch.full((3,), 1 / 3))  # weight = 1/(N |o_i|)
-    assert per_token[0] == 2 * per_token[1] == 4 * per_token[2]
-    for agg in ("token", "const"):
-        w = rlino.token_weights(mask, agg, 40)[:, 0]
-        assert torch.equal(w, w[:1].expand(3)), agg  # the same for every sequence, whatever its length
-    assert rlino.token_weights(mask, "const", 40)[0, 0] == 1 / (3 * 40)
-    assert rlino.token_weights(mask, "token", 40)[0, 0] == 1 / 70
-
-
-# --------------------------------------------------------------------------- (e) the sampler
-@pytest.mark.parametrize("group_size", [1, 3])
-def test_sampler_greedy_equals_generate(tiny, group_size):
-    """Greedy, every row equals generate's, also when G rows share their prompt's cache and after rows of other
-    groups have stopped and left the batch."""
-    model, tokenizer = tiny
-    model.eval()
-    prompts = [tokenizer(t)["input_ids"] for t in ["What is 2+2?", "Hi", "A longer prompt, of more tokens."]]
-    ids, mask = rlino.left_pad(prompts, tokenizer.pad_token_id)
-    free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
-                          eos_token_id=None, pad_token_id=2)[:, ids.shape[1]:]
-    stop = int(free[0, 5])  # a token the first row emits mid-way: rows stop at different times
-    expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
-                              eos_token_id=[stop], pad_token_id=stop)[:, ids.shape[1]:]
-    rollout = rlino.sample(model, prompts, group_size, 16, [stop], 0.0, 1.0, None)
-    assert rollout.lengths.min() < 16, "the test needs a row that stops early"
-    for row in range(3 * group_size):
-        n, reference = int(rollout.lengths[row]), expected[row // group_size]
-        assert rollout.completion_ids[row, :n].tolist() == reference[:n].tolist()
-        assert bool(rollout.truncated[row]) == (stop not in reference.tolist())
-        assert rollout.completion_mask[row].sum() == n
-
-
-def test_sampler_is_seeded_and_groups_share_their_prompt(tiny):
-    model, tokenizer = tiny
-    prompts = [tokenizer(t)["input_ids"] for t in ["abc", "a longer one"]]
-    runs = [rlino.sample(model, prompts, 3, 10, [2], 1.0, 0.9, rlino.sampler_generator(0, 1, 0, "cpu"))
-            for _ in range(2)]
-    assert torch.equal(runs[0].completion_ids, runs[1].completion_ids)
-    other = rlino.sample(model, prompts, 3, 10, [2], 1.0, 0.9, rlino.sampler_generator(0, 2, 0, "cpu"))
-    assert not torch.equal(runs[0].completion_ids, other.completion_ids)
-    assert torch.equal(runs[0].prompt_ids[0], runs[0].prompt_ids[2]) and runs[0].prompt_ids.shape[0] == 6
-
-
-def test_top_p_keeps_only_the_nucleus():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    g = torch.Generator().manual_seed(0)
-    drawn = {int(rlino.next_tokens(logits, 1.0, 0.7, g)) for _ in range(200)}
-    assert drawn == {0, 1}
-
-
-def test_next_tokens_follows_the_distribution_and_never_draws_a_zero():
-    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
-    logits = torch.log(probs).expand(20000, 5)                             # 20,000 rows, one draw each
-    drawn = rlino.next_tokens(logits, 1.0, 1.0, torch.Generator().manual_seed(0))
-    freq = torch.bincount(drawn, minlength=5).float() / len(drawn)
-    assert freq[4] == 0                                                    # -inf logit: never drawn
-    assert (freq - probs).abs().max() < 0.015, freq                        # 4-5 standard errors
-    hot = rlino.next_tokens(logits, 0.5, 1.0, torch.Generator().manual_seed(0))  # temperature 0.5: p^2, renormalised
-    expected = probs ** 2 / (probs ** 2).sum()
-    assert (torch.bincount(hot, minlength=5).float() / len(hot) - expected).abs().max() < 0.015
-
-
-def test_sampler_keeps_sliding_window_attention(tiny):
-    """A model with sliding-window layers keeps transformers' cache and masks: greedy still equals generate's with
-    prompts longer than the window."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    _, tokenizer = tiny
-    config = Qwen2Config(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
-                         max_window_layers=1, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config).eval()
-    assert not rlino.full_attention_only(model)
-    prompts = [tokenizer(t)["input_ids"] for t in ["What is 2+2, again?", "Hi there"]]
-    ids, mask = rlino.left_pad(prompts, 2)
-    expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
-                              eos_token_id=[2], pad_token_id=2)[:, ids.shape[1]:]
-    rollout = rlino.sample(model, prompts, 2, 10, [2], 0.0, 1.0, None)
-    for row, n in enumerate(rollout.lengths.tolist()):
-        assert rollout.completion_ids[row, :n].tolist() == expected[row // 2, :n].tolist()
-
-
-def test_preallocated_cache_is_written_in_place(tiny):
-    model, tokenizer = tiny
-    cache = rlino.kv_cache(model, 20)
-    ids = torch.tensor([tokenizer("abcd")["input_ids"]])
-    with torch.no_grad():
-        model(input_ids=ids, cache=cache, use_cache=True)
-        layer = cache.layers[0]
-        buffer = layer.key_buffer.data_ptr()
-        model(input_ids=ids[:, :1], cache=cache, use_cache=True)
-    assert layer.key_buffer.data_ptr() == buffer and layer.key_buffer.shape[2] == 20
-    assert layer.keys.shape[2] == ids.shape[1] + 1 == cache.get_seq_length()
-    reference = DynamicCache(config=model.config)
-    with torch.no_grad():
-        model(input_ids=torch.cat([ids, ids[:, :1]], 1), cache=reference, use_cache=True)
-    torch.testing.assert_close(layer.keys, reference.layers[0].keys)
-    torch.testing.assert_close(layer.values, reference.layers[0].values)
-
-
-def test_sampler_model_is_a_bf16_copy_that_follows_the_policy(tiny):
-    model, tokenizer = tiny
-    assert rlino.sampler_model(model, "float32") is model
-    sampler = rlino.sampler_model(model, "bfloat16")
-    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in sampler.parameters())
-    assert all(b.dtype == c.dtype for b, c in zip(sampler.buffers(), model.buffers()))  # rotary frequencies: fp32
-    assert sampler.get_input_embeddings().weight is sampler.get_output_embeddings().weight  # still tied
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(1.0)
-    assert not torch.equal(next(sampler.parameters()).float(), next(model.parameters()))
-    rlino.refresh_sampler(sampler, model)
-    for mine, policy in zip(sampler.parameters(), model.parameters()):
-        assert torch.equal(mine, policy.to(torch.bfloat16))
-    prompts = [tokenizer(t)["input_ids"] for t in ["What is 2+2?", "Hi"]]
-    ids, mask = rlino.left_pad(prompts, tokenizer.pad_token_id)
-    expected = sampler.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
-                                eos_token_id=[2], pad_token_id=2)[:, ids.shape[1]:]
-    rollout = rlino.sample(sampler, prompts, 1, 10, [2], 0.0, 1.0, None)
-    for row, n in enumerate(rollout.lengths.tolist()):
-        assert rollout.completion_ids[row, :n].tolist() == expected[row, :n].tolist()
-    alone = rlino.sample(sampler, prompts[:1], 1, 10, [2], 0.0, 1.0, None)  # no padding: an all-ones decode mask
-    assert alone.completion_ids[0].tolist() == expected[0, :alone.lengths[0]].tolist()
-
-
-def test_sampler_dtype_auto_is_resolved_and_saved():
-    assert resolved().sampler_dtype == ("bfloat16" if torch.cpu._is_avx512_bf16_supported() else "float32")
-    assert resolved(sampler_dtype="float32").sampler_dtype == "float32"
-    cuda = rlino.resolve_config(rlino.Config(), torch.device("cuda"))
-    assert cuda.sampler_dtype == "bfloat16"
-
-
-# --------------------------------------------------------------------------- (f) main() end to end
-def toy_reward(completion: str, example: dict, format_reward: float = 0.0) -> float:
-    """A reward a random tiny model can earn sometimes: an odd number of 'a's."""
-    return float(completion.count("a") % 2)
-
-
-def alternating_reward():
-    """A reward that alternates 1, 0, 1, ... call by call: every group is mixed, every row has an advantage."""
-    calls = iter(range(10**9))
-    return lambda completion, example, format_reward=0.0: float(next(calls) % 2 == 0)
-
-
-TINY_RUN = ["--task", "arith", "--steps", "2", "--prompts-per-step", "2", "--group-size", "4",
-            "--max-new-tokens", "12", "--lr", "1e-2", "--eval-size", "4", "--micro-batch", "3"]
-STEP_KEYS = {"step", "reward_mean", "loss", "grad_norm", "lr", "len_mean", "len_correct", "len_incorrect",
-             "truncated_frac", "zero_std_frac", "kl", "clip_frac", "entropy", "time_sample", "time_update",
-             "tokens_per_s", "len_correct_p50", "len_incorrect_p90", "truncated_frac_incorrect"}
-
-
-def test_training_samples_from_the_updated_policy(tiny_dir, tmp_path, monkeypatch):
-    """With --sampler-dtype bfloat16, each step's rollouts come from the policy as the previous update left it
-    (rounded to bf16), and the evaluation from the policy itself."""
-    monkeypatch.setattr(tasks.get_task("arith"), "reward", alternating_reward())
-    sampled_with, policy_after, evaluated_with = [], [], []
-    real_collect, real_optimise, real_evaluate = rlino.collect_rollouts, rlino.optimise, rlino.evaluate
-
-    def collect(model, *args, **kwargs):
-        sampled_with.append([p.detach().clone() for p in model.parameters()])
-        return real_collect(model, *args, **kwargs)
-
-    def optimise(ddp_model, model, *args, **kwargs):
-        stats = real_optimise(ddp_model, model, *args, **kwargs)
-        policy_after.append([p.detach().clone() for p in model.parameters()])
-        return stats
-
-    def evaluate(model, *args, **kwargs):
-        evaluated_with.append(next(model.parameters()).dtype)
-        return real_evaluate(model, *args, **kwargs)
-
-    monkeypatch.setattr(rlino, "collect_rollouts", collect)
-    monkeypatch.setattr(rlino, "optimise", optimise)
-    monkeypatch.setattr(rlino, "evaluate", evaluate)
-    rlino.main([*TINY_RUN, "--steps", "3", "--sampler-dtype", "bfloat16", "--model", str(tiny_dir),
-                "--out", str(tmp_path / "run")])
-    assert len(sampled_with) == 3 and len(policy_after) == 3 and evaluated_with == [torch.float32] * 2
-    for step in (1, 2):
-        assert all(torch.equal(mine, policy.to(torch.bfloat16))
-                   for mine, policy in zip(sampled_with[step], policy_after[step - 1]))
-    assert not all(torch.equal(a, b) for a, b in zip(sampled_with[1], sampled_with[2]))
-
-
-@pytest.mark.parametrize("algo", rlino.ALGOS)
-def test_main_two_steps_writes_the_run_and_changes_parameters(tiny_dir, tmp_path, monkeypatch, algo):
-    monkeypatch.setattr(tasks.get_task("arith"), "reward", toy_reward)
-    out = tmp_path / "run"
-    rlino.main([*TINY_RUN, "--algo", algo, "--model", str(tiny_dir), "--out", str(out)])
-    config = json.loads((out / "config.json").read_text())
-    assert config["algo"] == algo and config["group_size"] == 4 and config["sampler_dtype"] != "auto"
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines] == [0, 1, 2]
-    assert "eval_accuracy" in lines[0] and "eval_accuracy" in lines[-1]
-    for line in lines[1:]:
-        assert STEP_KEYS <= line.keys(), STEP_KEYS - line.keys()
-    assert (out / "samples.jsonl").read_text().count("\n") == 4
-    from transformers import AutoModelForCausalLM
-    before = AutoModelForCausalLM.from_pretrained(tiny_dir).state_dict()
-    after = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
-    unchanged = [n for n in before if torch.equal(before[n], after[n])]
-    assert not unchanged, f"{algo}: parameters that did not change: {unchanged}"
-
-
-# --------------------------------------------------------------------------- (g) the real embedded model
-def test_embedded_smollm2_loads_samples_and_updates():
-    device = torch.device("cpu")
-    model, tokenizer = rlino.load_model(rlino.EMBEDDED_MODEL, device)
-    assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
-    task = tasks.get_task("arith")
-    examples = task.load("test", limit=2)
-    prompts = rlino.encode_prompts(task, examples, tokenizer, "auto")
-    stop = rlino.stop_token_ids(tokenizer, model)
-    assert tokenizer.decode(stop[0]) == "<|im_end|>"
-    rollout = rlino.sample(model, prompts, 2, 8, stop, 0.8, 1.0, rlino.sampler_generator(0, 0, 0, device))
-    assert rollout.completion_ids.shape[0] == 4 and 1 <= int(rollout.lengths.max()) <= 8
-    cfg = resolved(max_new_tokens=8, micro_batch=4, max_grad_norm=1.0)
-    before = model.model.layers[0].self_attn.q_proj.weight.clone()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    stats = rlino.update(model, opt, rollout, torch.tensor([1.0, -1.0, -1.0, 1.0]), None, None, None, cfg,
-                         rlino.contextlib.nullcontext(), world=1)
-    opt.step()
-    assert math.isfinite(stats["loss"]) and stats["grad_norm"] > 0
-    assert not torch.equal(before, model.model.layers[0].self_attn.q_proj.weight)
-
-
-# --------------------------------------------------------------------------- evaluation, pass@k, plots
-def test_pass_at_k_unbiased_estimator():
-    assert rlino.pass_at_k(4, 0, 1) == 0.0 and rlino.pass_at_k(4, 4, 4) == 1.0
-    assert rlino.pass_at_k(4, 1, 1) == pytest.approx(0.25)
-    assert rlino.pass_at_k(4, 1, 2) == pytest.approx(1 - math.comb(3, 2) / math.comb(4, 2))  # 0.5
-    assert rlino.pass_at_k(10, 3, 5) == pytest.approx(1 - math.comb(7, 5) / math.comb(10, 5))
-
-
-def test_eval_only_writes_accuracy_pass_at_k_and_lengths(tiny_dir, tmp_path):
-    out = tmp_path / "eval"
-    result = rlino.main(["--eval-only", "--model", str(tiny_dir), "--task", "arith", "--eval-size", "6",
-                         "--eval-samples", "4", "--max-new-tokens", "8", "--temperature", "1.0", "--out", str(out)])
-    saved = json.loads((out / "eval.json").read_text())
-    assert saved["eval_n"] == 6 and saved["eval_accuracy"] == result["eval_accuracy"]
-    assert {"eval_pass@1", "eval_pass@2", "eval_pass@4", "eval_len_incorrect", "eval_len_incorrect_p90"} <= saved.keys()
-    assert saved["eval_pass@1"] <= saved["eval_pass@2"] <= saved["eval_pass@4"]
-
-
-def write_run(folder: Path, algo: str, seed: int, steps: int = 5) -> Path:
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"algo": algo, "loss_agg": "seq", "seed": seed,
-                                                    "task": "arith", "model": "smollm2"}))
-    rows = [{"step": s, **({"reward_mean": 0.1 * s, "len_correct": 50 + s, "len_incorrect": 80 + 3 * s} if s else {}),
-             **({"eval_accuracy": 0.2 + 0.05 * s} if s % 2 == 0 else {})} for s in range(steps)]
-    rows[1]["len_correct"] = None  # a step with no correct answer
-    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder
-
-
-def test_plot_draws_a_png_from_run_folders(tmp_path):
-    pytest.importorskip("matplotlib", reason="matplotlib is in requirements.txt; --plot needs it")
-    runs = [str(write_run(tmp_path / name, algo, seed)) for name, algo, seed in
-            [("a", "grpo", 0), ("b", "fisft+-", 1)]]
-    png = tmp_path / "fig.png"
-    rlino.main(["--plot", *runs, "--out", str(png)])
-    data = png.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
-    from matplotlib import image
-    pixels = image.imread(png)
-    assert pixels.shape[1] > 1000 and pixels[..., :3].std() > 0.05  # four panels, with something drawn
-
-
-def test_results_table_averages_over_seeds(tmp_path, capsys):
-    runs = [str(write_run(tmp_path / f"{algo}{seed}", algo, seed, steps=3 + seed))
-            for algo in ("grpo", "fisft+-") for seed in (0, 1)]
-    rlino.main(["--table", *runs])
-    table = capsys.readouterr().out.strip().splitlines()
-    assert len(table) == 4 and table[2].startswith("| arith | smollm2 | fisft+- | seq | 2 |")
-    # both seeds evaluate last at step 2: accuracy 0.20 -> 0.30; wrong answers 83 long at step 1, 86 and 89 at the end
-    cells = [c.strip() for c in table[3].split("|")[1:-1]]
-    assert cells[2] == "grpo" and cells[5:8] == ["0.200 ± 0.000", "0.300 ± 0.000", "0.100 ± 0.000"]
-    assert cells[8:11] == ["83.000 ± 0.000", "87.500 ± 2.121", "-"]
-
-
-def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(SystemExit) as exit_info:
-        rlino.main(["--plot", str(write_run(tmp_path / "a", "grpo", 0)), "--out", str(tmp_path / "f.png")])
-    assert exit_info.value.code == 2 and "pip install matplotlib" in capsys.readouterr().err
-
-
-# --------------------------------------------------------------------------- checkpoints and resume
-def comparable(metrics_line: dict) -> dict:
-    """A metrics line without the timings, which differ from run to run."""
-    return {k: v for k, v in metrics_line.items() if not k.startswith("time_") and k != "tokens_per_s"}
-
-
-def test_resume_continues_bit_for_bit(tiny_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(tasks.get_task("arith"), "reward", toy_reward)
-    run = [*TINY_RUN, "--algo", "grpo", "--model", str(tiny_dir), "--steps", "4", "--eval-size", "2"]
-    rlino.main([*run, "--out", str(tmp_path / "straight")])
-    rlino.main([*run, "--out", str(tmp_path / "split"), "--steps", "2"])
-    assert [p.name for p in rlino.checkpoint_paths(tmp_path / "split")] == ["step-2.pt"]
-    rlino.main(["--resume", str(tmp_path / "split"), "--steps", "4"])
-    lines = {name: [comparable(json.loads(x)) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-             for name in ("straight", "split")}
-    train_lines = {name: [{k: v for k, v in x.items() if not k.startswith("eval_")} for x in rows if x["step"] > 0]
-                   for name, rows in lines.items()}
-    assert [x["step"] for x in train_lines["split"]] == [1, 2, 3, 4]
-    assert train_lines["straight"] == train_lines["split"]
-    assert any(x["grad_norm"] > 0 for x in train_lines["split"][2:]), "the resumed steps must update"
-    straight = torch.load(rlino.checkpoint_paths(tmp_path / "straight")[-1], weights_only=False)["model"]
-    resumed = torch.load(rlino.checkpoint_paths(tmp_path / "split")[-1], weights_only=False)["model"]
-    for name in straight:
-        assert torch.equal(straight[name], resumed[name]), name
-    with pytest.raises(SystemExit):  # a finished run is not trained again by accident
-        rlino.main(["--resume", str(tmp_path / "split")])
-
-
-def test_checkpoints_are_rotated_and_atomic(tiny_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(tasks.get_task("arith"), "reward", toy_reward)
-    out = tmp_path / "run"
-    rlino.main([*TINY_RUN, "--model", str(tiny_dir), "--out", str(out), "--steps", "3", "--save-every", "1",
-                "--keep-checkpoints", "2", "--eval-size", "1"])
-    assert [p.name for p in rlino.checkpoint_paths(out)] == ["step-2.pt", "step-3.pt"]
-    assert not list((out / "checkpoints").glob("*.tmp"))
-    state = torch.load(rlino.checkpoint_paths(out)[-1], weights_only=False)
-    assert {"model", "optimizer", "scheduler", "stream", "rng", "step"} <= state.keys() and state["step"] == 3
-
-
-def test_nonfinite_updates_are_skipped_then_stop(tiny_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(tasks.get_task("arith"), "reward", alternating_reward())
-    monkeypatch.setattr(rlino, "fisft_token_loss", lambda logprobs, w: logprobs * float("nan"))
-    run = [*TINY_RUN, "--algo", "fisft+-", "--model", str(tiny_dir), "--eval-size", "1"]
-    rlino.main([*run, "--out", str(tmp_path / "a"), "--steps", "2", "--max-nonfinite", "3"])
-    lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()][1:]
-    assert [x["skipped_nonfinite"] for x in lines] == [1, 1] and lines[0]["loss"] is None  # NaN -> null in JSON
-    from transformers import AutoModelForCausalLM
-    before = AutoModelForCausalLM.from_pretrained(tiny_dir).state_dict()
-    after = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "model").state_dict()
-    assert all(torch.equal(before[n], after[n]) for n in before)  # every update skipped: no NaN in the weights
-    with pytest.raises(SystemExit) as exit_info:
-        rlino.main([*run, "--out", str(tmp_path / "b"), "--steps", "5", "--max-nonfinite", "2"])
-    assert "2 updates in a row had a non-finite loss or gradient" in str(exit_info.value.code)
-    assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 3  # eval at 0, then steps 1 and 2
-
-
-def test_cuda_out_of_memory_halves_the_batch_until_it_fits(tiny_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(tasks.get_task("arith"), "reward", alternating_reward())
-    real_logprobs, real_sample = rlino.completion_logprobs, rlino.sample
-
-    def logprobs_fitting_two_rows(model, rows, amp):
-        if rows.completion_ids.shape[0] > 2:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_logprobs(model, rows, amp)
-
-    def sample_fitting_one_prompt(model, prompts, *args, **kwargs):
-        if len(prompts) > 1:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_sample(model, prompts, *args, **kwargs)
-
-    monkeypatch.setattr(rlino, "completion_logprobs", logprobs_fitting_two_rows)
-    monkeypatch.setattr(rlino, "sample", sample_fitting_one_prompt)
-    out = tmp_path / "run"
-    rlino.main([*TINY_RUN, "--model", str(tiny_dir), "--out", str(out), "--micro-batch", "8", "--sample-batch", "2",
-                "--eval-size", "1", "--eval-batch", "1"])
-    printed = capsys.readouterr().out
-    assert "retrying with --sample-batch 1" in printed
-    assert "retrying with --micro-batch 4" in printed and "retrying with --micro-batch 2" in printed
-    assert (out / "model").exists()
-    monkeypatch.setattr(rlino, "sample", lambda *a, **k: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("x")))
-    with pytest.raises(torch.cuda.OutOfMemoryError):  # at 1 it gives up
-        rlino.main([*TINY_RUN, "--model", str(tiny_dir), "--out", str(tmp_path / "b"), "--sample-batch", "1",
-                    "--eval-size", "1", "--eval-batch", "1"])
-
-
-# --------------------------------------------------------------------------- the command line
-def run_cli(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, str(HERE / "rlino.py"), *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=timeout)
-
-
-def bad_data_dir(tmp_path: Path, lines: list[str]) -> Path:
-    (tmp_path / "gsm8k").mkdir(parents=True)
-    for split in ("train", "test"):
-        (tmp_path / "gsm8k" / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-    return tmp_path
-
-
-@pytest.mark.parametrize("case", ["task", "algo", "model", "unreadable", "no_fields", "run_exists", "steps"])
-def test_bad_input_is_one_line_and_exit_2(case, tiny_dir, tmp_path):
-    args = {"task": lambda: ["--task", "chess"],
-            "algo": lambda: ["--algo", "ppo"],
-            "model": lambda: ["--task", "arith", "--model", str(tmp_path / "no-such-model")],
-            "unreadable": lambda: ["--data-dir", str(bad_data_dir(tmp_path / "d", ["{not json"]))],
-            "no_fields": lambda: ["--data-dir", str(bad_data_dir(tmp_path / "d", ['{"q": 1}', '{"x": 2}']))],
-            "run_exists": lambda: ["--task", "arith", "--model", str(tiny_dir), "--out", str(HERE)],
-            "steps": lambda: ["--task", "arith", "--steps", "0"]}[case]()
-    result = run_cli(*args, cwd=tmp_path)
-    assert result.returncode == 2, result.stderr
-    lines = [x for x in result.stderr.splitlines() if x.startswith("rlino: error:")]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    print(case, "->", lines[0])
-
-
-def test_sigterm_saves_a_checkpoint_and_resume_goes_on(tiny_dir, tmp_path):
-    import signal
-    out = tmp_path / "run"
-    args = ["--task", "arith", "--model", str(tiny_dir), "--steps", "200", "--prompts-per-step", "2",
-            "--group-size", "2", "--max-new-tokens", "4", "--eval-size", "1", "--out", str(out)]
-    proc = subprocess.Popen([sys.executable, str(HERE / "rlino.py"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    for line in proc.stdout:
-        if line.startswith("iter 2:"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    rest = proc.stdout.read()
-    assert proc.wait(timeout=120) == 0, rest
-    assert "continue with: python rlino.py --resume" in rest
-    stopped_at = rlino.checkpoint_paths(out)[-1]
-    step = int(stopped_at.stem.split("-")[1])
-    assert 2 <= step < 200
-    result = run_cli("--resume", str(out), "--steps", str(step + 2))
-    assert result.returncode == 0, result.stderr
-    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(step + 3)) and (out / "model" / "config.json").exists()
-
-
-# --------------------------------------------------------------------------- data parallel (torchrun, gloo)
-LAUNCHER = """
-import sys
-sys.path.insert(0, {here!r})
-import rlino, tasks, test_rlino
-tasks.get_task("arith").reward = test_rlino.alternating_reward()  # every group mixed, whatever the rank
-rlino.main(sys.argv[1:])
-"""
-
-
-@pytest.mark.parametrize("loss_agg", ["seq", "token"])
-def test_two_processes_equal_one_process(tiny_dir, tmp_path, loss_agg):
-    launcher = tmp_path / "launch.py"
-    launcher.write_text(LAUNCHER.format(here=str(HERE)))
-    args = [*TINY_RUN, "--model", str(tiny_dir), "--prompts-per-step", "4", "--sample-batch", "2",
-            "--loss-agg", loss_agg, "--eval-size", "4", "--lr", "1e-3"]  # even eval counts keep the rewards aligned
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, str(launcher), *args, "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(launcher), *args, "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    print(two.stdout)
-    metrics = {n: [json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
-               for n in ("one", "two")}
-    for a, b in zip(metrics["one"], metrics["two"]):
-        for key in ("reward_mean", "len_mean", "eval_accuracy", "eval_n"):
-            assert a.get(key) == b.get(key), key
-        assert a.get("loss", 0) == pytest.approx(b.get("loss", 0), rel=1e-4, abs=1e-7)
-    assert all(x["grad_norm"] > 0 for x in metrics["one"][1:]), "every step must update"
-    from transformers import AutoModelForCausalLM
-    p1 = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "model").state_dict()
-    p2 = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "model").state_dict()
-    for name in p1:
-        # atol: 5 % of one Adam step (lr 1e-3); g / sqrt(v) magnifies the rounding of near-zero gradient entries
-        torch.testing.assert_close(p1[name], p2[name], atol=5e-5, rtol=1e-4, msg=name)

@@ -200,13 +200,14 @@ def bench_sampler(args, model, tokenizer, prompts, stop_ids, amp, cfg) -> tuple[
     sampler = rlino.sampler_model(model, cfg.sampler_dtype)
     # warm-up: a few tokens each, so that one-time costs (allocator, lazy imports) fall outside the timings
     for m in dict.fromkeys((model, sampler)):
-        rlino.sample(m, prompts[:2], 2, 4, stop_ids, args.temperature, 1.0, torch.Generator(device).manual_seed(0),
-                     amp)
+        rlino.sample(m, prompts[:2], max_new_tokens=4, stop_ids=stop_ids, group_size=2,
+                     temperature=args.temperature, generator=torch.Generator(device).manual_seed(0), amp=amp)
         generate_batch(m, tokenizer, prompts[:2], 2, 4, stop_ids, args.temperature, amp)
 
     t0 = clock(device)
-    rollout = rlino.sample(sampler, prompts, G, T, stop_ids, args.temperature, 1.0,
-                           torch.Generator(device).manual_seed(args.seed), amp)
+    rollout = rlino.sample(sampler, prompts, max_new_tokens=T, stop_ids=stop_ids, group_size=G,
+                           temperature=args.temperature, generator=torch.Generator(device).manual_seed(args.seed),
+                           amp=amp)
     seconds = clock(device) - t0
     ours = rollout.lengths.cpu().float()
     generate = timed_generate(args, model, tokenizer, prompts, stop_ids, amp)
@@ -215,7 +216,7 @@ def bench_sampler(args, model, tokenizer, prompts, stop_ids, amp, cfg) -> tuple[
     # greedy agreement on the same weights: temperature 0, two prompts, a few tokens; the same tokens up to the
     # first stop token
     greedy_tokens = 24
-    mine = rlino.sample(sampler, prompts[:2], 1, greedy_tokens, stop_ids, 0.0, 1.0, None, amp)
+    mine = rlino.sample(sampler, prompts[:2], max_new_tokens=greedy_tokens, stop_ids=stop_ids, amp=amp)
     ref = generate_batch(sampler, tokenizer, prompts[:2], 1, greedy_tokens, stop_ids, 0.0, amp)
     ref_lengths = completion_lengths(ref, stop_ids)
     agree = all(mine.completion_ids[i, :n].tolist() == ref[i, :m].tolist()
@@ -242,15 +243,16 @@ def bench_rlino_grpo(args, model, tokenizer, task, examples, cfg, stop_ids, amp)
     for step in range(1, cfg.steps + 1):
         batch = examples[(step - 1) * B:step * B]
         t0 = clock(args.device)
-        sampler.eval()
-        rollout = rlino.collect_rollouts(sampler, tokenizer, task, batch, cfg, step, 0, stop_ids, amp, progress=False)
+        rollout = rlino.collect_rollouts(sampler, tokenizer, task, batch, cfg, step=step, stop_ids=stop_ids,
+                                         amp=amp)
         texts = rlino.decode_completions(tokenizer, rollout)
-        rewards = rlino.score(task, texts, batch, G, cfg.format_reward).to(args.device)               # (B*G,)
+        rewards = rlino.score(task, texts, batch, group_size=G, format_reward=cfg.format_reward)
+        rewards = rewards.to(args.device)                                                               # (B*G,)
         if args.reward == "parity":
             rewards = torch.tensor(parity_rewards(len(texts)), device=args.device)
         advantages = rlino.group_advantages(rewards, G, scale=cfg.scale_adv)                           # (B*G,)
         t1 = clock(args.device)
-        stats = rlino.optimise(model, model, None, optimizer, rollout, advantages, None, cfg, amp, 1)
+        stats = rlino.optimise(model, optimizer, rollout, advantages, cfg, amp=amp)
         rlino.refresh_sampler(sampler, model)
         t2 = clock(args.device)
         times.append(t2 - t0), sample_s.append(t1 - t0), update_s.append(t2 - t1)
@@ -375,7 +377,7 @@ def bench_mfu(args, model, rollout: rlino.Rollout, cfg, amp) -> dict:
     times = []
     for _ in range(args.size["mfu_repeats"]):
         t0 = clock(args.device)
-        stats = rlino.update(model, optimizer, rollout, advantages, None, None, None, cfg, amp, 1)
+        stats = rlino.update(model, optimizer, rollout, advantages, cfg, amp=amp)
         times.append(clock(args.device) - t0)
     optimizer.zero_grad(set_to_none=True)
     flops = update_flops(model, rollout)
@@ -479,9 +481,10 @@ def main(argv=None) -> dict:
     if "mfu" not in args.skip:
         print("c. MFU: rlino.update over a fixed rollout, and the matmul peak ...", flush=True)
         if sampler_rollout is None:
-            sampler_rollout = rlino.sample(model, prompts, size["group"], size["sampler_tokens"], stop_ids,
-                                           args.temperature, 1.0, torch.Generator(args.device).manual_seed(args.seed),
-                                           amp)
+            sampler_rollout = rlino.sample(model, prompts, max_new_tokens=size["sampler_tokens"],
+                                           stop_ids=stop_ids, group_size=size["group"],
+                                           temperature=args.temperature,
+                                           generator=torch.Generator(args.device).manual_seed(args.seed), amp=amp)
         results["mfu"] = bench_mfu(args, model, sampler_rollout, cfg, amp)
     if "grpo" not in args.skip:
         print(f"b. GRPO step: rlino, {size['steps']} steps ...", flush=True)
