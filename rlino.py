@@ -44,6 +44,7 @@ import shutil
 import signal
 import sys
 import time
+import zlib
 from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +132,8 @@ class Config:
     eval_only: bool = arg(False, "only evaluate --model on --task and write eval.json")
     # logging and checkpoints
     log_samples: int = arg(2, "completions per step written to samples.jsonl")
+    wandb: str | None = arg(None, "also log the config and every metrics line live to this Weights & Biases "
+                                  "project (pip install wandb; WANDB_MODE=offline writes only locally)")
     save_every: int | None = arg(None, "checkpoint every N steps (and at the end); 0 = only at the end")
     keep_checkpoints: int = arg(2, "checkpoints kept in the run folder")
     resume: str | None = arg(None, "run folder to continue from its latest checkpoint")
@@ -971,6 +974,15 @@ def prepare_run_dir(cfg: Config, *, check: bool = True) -> Path:
     return run_dir
 
 
+def read_run(run_dir: str) -> tuple[dict, list[dict]]:
+    """A run folder's config and metrics lines."""
+    run = Path(run_dir)
+    if not (run / "config.json").exists() or not (run / "metrics.jsonl").exists():
+        raise UsageError(f"{run}: not a run folder (no config.json and metrics.jsonl)")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return json.loads((run / "config.json").read_text()), rows
+
+
 def checkpoint_paths(run_dir: Path) -> list[Path]:
     """The run's checkpoints, oldest first."""
     return sorted((run_dir / "checkpoints").glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
@@ -1052,6 +1064,19 @@ class Run:
     start_step: int
     extra: dict                      # saved with each checkpoint: {"nonfinite_in_a_row": n}
     amp: object
+    wandb: object | None             # the live W&B run of --wandb (rank 0), else None
+
+
+def start_wandb(cfg: Config, run_dir: Path):
+    """A W&B run for --wandb, imported only when asked; its id follows the run folder, so that --resume
+    continues the same W&B run. The run folder stays the source of truth."""
+    try:
+        import wandb
+    except ImportError:
+        raise UsageError("--wandb needs the wandb package: pip install wandb") from None
+    run_id = run_dir.resolve().name + "-" + format(zlib.crc32(str(run_dir.resolve()).encode()), "08x")
+    return wandb.init(project=cfg.wandb, name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir),
+                      config=dataclasses.asdict(cfg))
 
 
 def start_run(cfg: Config, device: torch.device, rank: int, world: int) -> Run:
@@ -1092,7 +1117,8 @@ def start_run(cfg: Config, device: torch.device, rank: int, world: int) -> Run:
     return Run(run_dir, task, train_set, eval_set, model, tokenizer,
                stop_token_ids(tokenizer, model), sampler_model(model, cfg.sampler_dtype),
                torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model, ref_model, optimizer,
-               scheduler, stream, start_step, extra, autocast(device, cfg))
+               scheduler, stream, start_step, extra, autocast(device, cfg),
+               start_wandb(cfg, run_dir) if cfg.wandb and rank == 0 else None)
 
 
 def step_metrics(step: int, rewards: torch.Tensor, rollout: Rollout, stats: dict, cfg: Config, *, world: int,
@@ -1125,10 +1151,17 @@ def progress_line(m: dict) -> str:
             + ("" if m["skipped_nonfinite"] == 0 else "  [non-finite: skipped]"))
 
 
+def log_metrics(run: Run, metrics: dict) -> None:
+    """Rank 0: one metrics line to metrics.jsonl, and to W&B with --wandb."""
+    append_jsonl(run.dir / "metrics.jsonl", metrics)
+    if run.wandb is not None:
+        run.wandb.log(json_safe(metrics), step=metrics["step"])
+
+
 def log_step(run: Run, metrics: dict, examples: list[dict], texts: list[str], rewards: torch.Tensor,
              cfg: Config) -> None:
-    """Rank 0: the metrics line to metrics.jsonl, a few completions to samples.jsonl, one line to stdout."""
-    append_jsonl(run.dir / "metrics.jsonl", metrics)
+    """Rank 0: the step's metrics line, a few completions to samples.jsonl, one line to stdout."""
+    log_metrics(run, metrics)
     for i in range(min(cfg.log_samples, len(texts))):
         append_jsonl(run.dir / "samples.jsonl", {"step": metrics["step"],
                                                  "prompt": examples[i // cfg.group_size],
@@ -1155,11 +1188,59 @@ def checkpoint_if_due(run: Run, cfg: Config, step: int, *, stopping: bool) -> No
                         extra=run.extra, keep=cfg.keep_checkpoints)
 
 
+def pause_run(run: Run, step: int) -> None:
+    """Rank 0, after a stop signal and its checkpoint: how to continue, and the W&B run closed."""
+    print(f"stopped at step {step}; continue with: python rlino.py --resume {run.dir}", flush=True)
+    if run.wandb is not None:
+        run.wandb.finish()
+
+
+def run_summary(rows: list[dict], cfg: Config) -> tuple[dict, list[str]]:
+    """What a finished run tells, from its metrics lines: eval accuracy start -> end, the share of groups that
+    carried any signal (rewards not all equal), and the mean length of correct and incorrect completions at the
+    first and the last step (the first and last steps that had such completions). Returns the numbers and the
+    lines to print, with a plain warning when at least 80 % of the groups carried no signal."""
+    evals = [r for r in rows if r.get("eval_accuracy") is not None]
+    steps = [r for r in rows if "reward_mean" in r]
+
+    def first_last(key: str) -> list:
+        values = [r[key] for r in steps if r.get(key) is not None]
+        return [values[0], values[-1]] if values else [None, None]
+
+    summary = {"eval_accuracy": [evals[0]["eval_accuracy"], evals[-1]["eval_accuracy"]],
+               "eval_steps": [evals[0]["step"], evals[-1]["step"]], "eval_n": evals[-1]["eval_n"],
+               "groups": len(steps) * cfg.prompts_per_step,
+               "signal_share": float(np.mean([1 - r["zero_std_frac"] for r in steps])),
+               "len_correct": first_last("len_correct"), "len_incorrect": first_last("len_incorrect")}
+
+    def tokens(pair: list) -> str:
+        return " -> ".join("-" if v is None else f"{v:.0f}" for v in pair)
+
+    lines = [f"eval accuracy {summary['eval_accuracy'][0]:.3f} -> {summary['eval_accuracy'][1]:.3f} on "
+             f"{summary['eval_n']} problems (step {summary['eval_steps'][0]} -> {summary['eval_steps'][1]})",
+             f"groups with any signal (not all-equal rewards): {summary['signal_share']:.0%} of "
+             f"{summary['groups']}",
+             f"mean length of correct completions {tokens(summary['len_correct'])} tokens, of incorrect ones "
+             f"{tokens(summary['len_incorrect'])} (first -> last step)"]
+    if summary["signal_share"] <= 0.2:
+        lines.append(f"{1 - summary['signal_share']:.0%} of the groups had all-equal rewards: little to learn "
+                     "from. Ways out: a stronger --model, a larger --group-size, or the CPU experiments "
+                     "(./run.sh length, ./run.sh accuracy).")
+    return summary, lines
+
+
 def finish_run(run: Run, cfg: Config, step: int, last_eval: dict) -> None:
-    """Rank 0: the final model and tokenizer into model/, the final evaluation into eval.json."""
+    """Rank 0: the final model and tokenizer into model/, the final evaluation into eval.json, and the run's
+    summary, printed and written to summary.json."""
     run.model.save_pretrained(run.dir / "model")
     run.tokenizer.save_pretrained(run.dir / "model")
     write_json(run.dir / "eval.json", {"model": cfg.model, "task": cfg.task, "step": step, **last_eval})
+    summary, lines = run_summary(read_run(run.dir)[1], cfg)
+    write_json(run.dir / "summary.json", {**summary, "text": lines})
+    print("summary: " + "\n         ".join(lines), flush=True)
+    if run.wandb is not None:
+        run.wandb.summary.update(json_safe({f"summary/{k}": v for k, v in summary.items()}))
+        run.wandb.finish()
     print(f"done: model saved to {run.dir / 'model'}", flush=True)
 
 
@@ -1171,7 +1252,7 @@ def train(cfg: Config, device: torch.device, rank: int, world: int) -> Path:
     if run.start_step == 0:
         last_eval = evaluate_run(run, cfg, 0, rank=rank, world=world)
         if rank == 0:
-            append_jsonl(run.dir / "metrics.jsonl", {"step": 0, **last_eval})
+            log_metrics(run, {"step": 0, **last_eval})
     step = run.start_step
     with StopSignal() as stop_signal:
         for step in range(run.start_step + 1, cfg.steps + 1):
@@ -1207,8 +1288,7 @@ def train(cfg: Config, device: torch.device, rank: int, world: int) -> Path:
                 checkpoint_if_due(run, cfg, step, stopping=stop_signal.requested)
             if stop_signal.requested:
                 if rank == 0:
-                    print(f"stopped at step {step}; continue with: python rlino.py --resume {run.dir}",
-                          flush=True)
+                    pause_run(run, step)
                 return run.dir
     if rank == 0:
         finish_run(run, cfg, step, last_eval)
@@ -1264,50 +1344,98 @@ def main(argv: list[str] | None = None):
 
 
 # --------------------------------------------------------------------------- reading runs: tables and plots
-def read_run(run_dir: str) -> tuple[dict, list[dict]]:
-    """A run folder's config and metrics lines."""
-    run = Path(run_dir)
-    if not (run / "config.json").exists() or not (run / "metrics.jsonl").exists():
-        raise UsageError(f"{run}: not a run folder (no config.json and metrics.jsonl)")
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return json.loads((run / "config.json").read_text()), rows
+# two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal's 1.96)
+T_95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052,
+        2.048, 2.045, 2.042)
 
 
-def mean_std(values: list) -> str:
-    """'mean +- std' over seeds (sample std), or '-' when there is nothing to average."""
+def mean_ci(values: list) -> str:
+    """'mean ± h' over runs, h the half-width of the 95 % confidence interval of the mean (Student's t with
+    n - 1 degrees of freedom); 'mean (n = 1)' for a single run, '-' when there is nothing to average."""
     values = [v for v in values if v is not None]
     if not values:
         return "-"
-    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.3f}"
+    if len(values) == 1:
+        return f"{values[0]:.3f} (n = 1)"
+    t = T_95[len(values) - 2] if len(values) - 1 <= len(T_95) else 1.96
+    return f"{np.mean(values):.3f} ± {t * np.std(values, ddof=1) / math.sqrt(len(values)):.3f}"
+
+
+def slope(points: list[tuple[float, float]]) -> float | None:
+    """Least-squares slope of y over x for (x, y) points; None with fewer than two distinct x."""
+    if len({x for x, _ in points}) < 2:
+        return None
+    x, y = np.array(points, dtype=float).T
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def run_record(run: str, rows: list[dict]) -> dict:
+    """What the tables compare of one run: eval accuracy at the start and the end, and over the training steps
+    the slope of the mean length of incorrect completions (tokens per step), first and last lengths, the
+    truncated share and the share of groups with any signal (not all-equal rewards)."""
+    evals = [r for r in rows if r.get("eval_accuracy") is not None]
+    steps = [r for r in rows if "reward_mean" in r]
+    if not evals or not steps:
+        raise UsageError(f"{run}: no evaluation or no training step logged yet")
+
+    def first_last(key: str) -> tuple:
+        values = [r[key] for r in steps if r.get(key) is not None]
+        return (values[0], values[-1]) if values else (None, None)
+
+    return {"start": evals[0]["eval_accuracy"], "end": evals[-1]["eval_accuracy"],
+            "gain": evals[-1]["eval_accuracy"] - evals[0]["eval_accuracy"], "eval_n": evals[-1]["eval_n"],
+            "slope_wrong": slope([(r["step"], r["len_incorrect"]) for r in steps
+                                  if r.get("len_incorrect") is not None]),
+            "wrong": first_last("len_incorrect"), "right": first_last("len_correct"),
+            "truncated": float(np.mean([r["truncated_frac"] for r in steps])),
+            "signal": float(np.mean([1 - r["zero_std_frac"] for r in steps]))}
 
 
 def results_table(run_dirs: list[str]) -> str:
-    """Markdown table, one row per (task, model, algo, loss-agg) over its runs (seeds): eval accuracy before
-    and after training, and the length of incorrect answers, in training (first and last step) and at the
-    final eval."""
+    """Two markdown tables over runs grouped by (task, model, algo, loss-agg), one run per seed: eval
+    accuracy (start, end, gain) and the length of incorrect answers in training (slope over the steps, first
+    and last step), each as mean ± 95 % CI over seeds, with each group's paired difference (by seed) to
+    GRPO-seq."""
     groups = {}
     for run in run_dirs:
         cfg, rows = read_run(run)
-        evals = [r for r in rows if r.get("eval_accuracy") is not None]
-        steps = [r for r in rows if "reward_mean" in r]
-        if not evals or not steps:
-            raise UsageError(f"{run}: no evaluation or no training step logged yet")
-        key = (cfg["task"], cfg["model"], cfg["algo"], cfg["loss_agg"])
-        groups.setdefault(key, []).append({
-            "start": evals[0]["eval_accuracy"], "end": evals[-1]["eval_accuracy"],
-            "gain": evals[-1]["eval_accuracy"] - evals[0]["eval_accuracy"],
-            "wrong_first": steps[0].get("len_incorrect"), "wrong_last": steps[-1].get("len_incorrect"),
-            "wrong_eval": evals[-1].get("eval_len_incorrect"),
-            "right_eval": evals[-1].get("eval_len_correct")})
-    lines = ["| task | model | algo | loss-agg | seeds | eval acc. start | eval acc. end | gain | "
-             "train len wrong, first step | last step | eval len wrong | eval len right |",
-             "|" + " --- |" * 12]
+        runs = groups.setdefault((cfg["task"], cfg["model"], cfg["algo"], cfg["loss_agg"]), {})
+        if cfg["seed"] in runs:
+            raise UsageError(f"{run}: a second run of {cfg['algo']} {cfg['loss_agg']}, seed {cfg['seed']}")
+        runs[cfg["seed"]] = run_record(run, rows)
+
+    def paired(task, model, runs: dict, key: str) -> str:
+        reference = groups.get((task, model, "grpo", "seq"), {})
+        diffs = [runs[s][key] - reference[s][key] for s in sorted(runs.keys() & reference.keys())
+                 if runs[s][key] is not None and reference[s][key] is not None]
+        return "(reference)" if runs is reference else mean_ci(diffs) + f" [{len(diffs)} pairs]"
+
+    def first_to_last(runs: dict, key: str) -> str:
+        firsts, lasts = zip(*(r[key] for r in runs.values()))
+        return f"{mean_ci(list(firsts))} → {mean_ci(list(lasts))}"
+
+    accuracy = ["| task | model | algo | loss-agg | seeds | eval acc. start | eval acc. end | gain | "
+                "end − GRPO-seq, paired |", "|" + " --- |" * 9]
+    length = ["| task | model | algo | loss-agg | seeds | slope of len wrong (tokens/step) | "
+              "len wrong, first → last step | len right, first → last step | truncated | "
+              "groups with signal | slope − GRPO-seq, paired |",
+              "|" + " --- |" * 11]
     for (task, model, algo, agg), runs in sorted(groups.items()):
-        cells = [mean_std([r[k] for r in runs]) for k in
-                 ("start", "end", "gain", "wrong_first", "wrong_last", "wrong_eval", "right_eval")]
-        lines.append(f"| {task} | {Path(model).name} | {algo} | {agg} | {len(runs)} | " + " | ".join(cells)
-                     + " |")
-    return "\n".join(lines)
+        head = f"| {task} | {Path(model).name} | {algo} | {agg} | {len(runs)} | "
+        records = list(runs.values())
+        accuracy.append(head + " | ".join([mean_ci([r[k] for r in records]) for k in ("start", "end", "gain")]
+                                          + [paired(task, model, runs, "end")]) + " |")
+        length.append(head + " | ".join([mean_ci([r["slope_wrong"] for r in records]),
+                                         first_to_last(runs, "wrong"), first_to_last(runs, "right"),
+                                         mean_ci([r["truncated"] for r in records]),
+                                         mean_ci([r["signal"] for r in records]),
+                                         paired(task, model, runs, "slope_wrong")]) + " |")
+    n_eval = sorted({r["eval_n"] for runs in groups.values() for r in runs.values()})
+    note = (f"\n\nEval accuracy: greedy, on {'/'.join(map(str, n_eval))} test problems. Mean ± half-width "
+            "of the 95 % CI over seeds (Student's t); paired: the difference to the GRPO-seq run of the same "
+            "seed.\n\n")
+    return "\n".join(accuracy) + note + "\n".join(length) + "\n"
 
 
 def plot_runs(run_dirs: list[str], out_png: str) -> None:

