@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import fcntl
 import importlib.util
 import json
 import math
@@ -67,6 +68,14 @@ NO_AMP = contextlib.nullcontext()  # the default `amp`: plain fp32
 
 class UsageError(Exception):
     """Bad input from the user: printed as one line, exit code 2, no traceback."""
+
+
+class RunStopped(Exception):
+    """Training cannot go on (non-finite weights, a full disk, ...): one line `rlino: stopped: ...`, exit code
+    1. The last checkpoint is intact."""
+
+
+EXIT_PAUSED = 3  # a run stopped by Ctrl-C / SIGTERM after a checkpoint: unfinished, continue it with --resume
 
 
 # --------------------------------------------------------------------------- config
@@ -192,10 +201,20 @@ def resolve_config(cfg: Config, device: torch.device) -> Config:
     if cfg.sampler_dtype == "auto":
         fast_bf16 = device.type == "cuda" or (device.type == "cpu" and torch.cpu._is_avx512_bf16_supported())
         cfg.sampler_dtype = "bfloat16" if fast_bf16 else "float32"
-    for name in ("steps", "prompts_per_step", "group_size", "sample_batch", "max_new_tokens", "micro_batch",
-                 "ppo_epochs", "eval_batch"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    ranges = [(name, lambda v: v >= 1, "at least 1") for name in (
+        "steps", "prompts_per_step", "group_size", "sample_batch", "max_new_tokens", "micro_batch",
+        "ppo_epochs", "eval_batch", "keep_checkpoints", "max_nonfinite")]
+    ranges += [(name, lambda v: v >= 0, "at least 0") for name in (
+        "warmup_steps", "weight_decay", "beta", "eval_size", "eval_samples", "eval_every", "save_every",
+        "log_samples")]
+    ranges += [("lr", lambda v: v > 0, "> 0"), ("max_grad_norm", lambda v: v > 0, "> 0"),
+               ("clip_eps", lambda v: 0 < v < 1, "in (0, 1)"),
+               ("clip_eps_high", lambda v: 0 < v < 1, "in (0, 1)"),
+               ("seed", lambda v: 0 <= v < 2**32, "in [0, 2^32)")]
+    for name, within, what in ranges:
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and within(value)):
+            raise UsageError(f"--{name.replace('_', '-')} must be finite and {what}, got {value}")
     if not (math.isfinite(cfg.temperature) and cfg.temperature >= 0) or not 0 < cfg.top_p <= 1:
         raise UsageError("--temperature must be finite and >= 0, and --top-p in (0, 1]")
     if not cfg.eval_only and cfg.temperature < 1e-3:
@@ -214,6 +233,10 @@ def setup_distributed(cfg: Config) -> tuple[torch.device, int, int]:
     """Device, rank and world size. Under torchrun (RANK set) joins the process group: nccl on GPUs, gloo on
     CPU."""
     want = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(want)
+    except RuntimeError:
+        raise UsageError(f"--device {cfg.device}: not a device (auto, cpu, cuda, cuda:N)") from None
     if want.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda asked for, but torch sees no CUDA device")
     if "RANK" not in os.environ:
@@ -277,8 +300,9 @@ def load_model(name: str, device: torch.device):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
-    except (OSError, ValueError) as err:  # not on the hub, offline, not a model folder
-        raise UsageError(f"cannot load model '{name}': {(str(err).splitlines() or [''])[0]}") from None
+    except Exception as err:  # not on the hub, offline, not a model folder, a truncated or malformed file
+        reason = (str(err).splitlines() or [""])[0][:200]
+        raise UsageError(f"cannot load model '{name}': {type(err).__name__}: {reason}") from None
     if gguf_file is not None:
         model.hf_quantizer.remove_quantization_config(model)  # else save_pretrained refuses the model
     tokenizer.padding_side = "left"  # prompts end where completions start
@@ -431,6 +455,9 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_p: float,
         probs, order = probs.sort(dim=-1, descending=True)
         probs[probs.cumsum(-1) - probs > top_p] = 0.0                       # tokens after the nucleus is full
     cdf = probs.cumsum(-1)                                                   # (n, V)
+    if not torch.isfinite(cdf[:, -1]).all() or (cdf[:, -1] <= 0).any():
+        raise RunStopped("the sampler got non-finite or all-zero probabilities: the weights or logits are "
+                         "not finite")
     # u in (0, total]: the first index with cdf >= u always has a probability > 0
     u = (1.0 - torch.rand(len(cdf), 1, generator=generator, device=cdf.device)) * cdf[:, -1:]
     token = torch.searchsorted(cdf, u).squeeze(-1)                           # (n,)
@@ -950,8 +977,15 @@ def json_safe(record: dict) -> dict:
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
+def replace_file(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically: a temporary file beside it, renamed over it."""
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(text)
+    partial.replace(path)
+
+
 def write_json(path: Path, record: dict) -> None:
-    path.write_text(json.dumps(json_safe(record), indent=2, default=str) + "\n")
+    replace_file(path, json.dumps(json_safe(record), indent=2, default=str) + "\n")
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -959,19 +993,66 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(json_safe(record), default=str) + "\n")
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a .jsonl log; a line that does not parse (a torn last line after a kill) is skipped with
+    a note."""
+    records, torn = [], 0
+    for line in filter(str.strip, path.read_text().splitlines()):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            torn += 1
+    if torn:
+        print(f"{path}: skipped {torn} line(s) that do not parse (a write cut short)", file=sys.stderr)
+    return records
+
+
+def cut_logs(run_dir: Path, step: int) -> None:
+    """Cut metrics.jsonl and samples.jsonl back to the lines of steps <= `step` (atomically), so that a
+    resumed run logs every step once."""
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        if (run_dir / name).exists():
+            kept = [r for r in read_jsonl(run_dir / name) if isinstance(r, dict) and r.get("step", 0) <= step]
+            replace_file(run_dir / name, "".join(json.dumps(r) + "\n" for r in kept))
+
+
 def prepare_run_dir(cfg: Config, *, check: bool = True) -> Path:
     """The run folder: a new one, never overwriting a run, or the one given to --resume. Only rank 0 checks
     (the others would race with it creating the folder); if it refuses, torchrun stops them all."""
     if cfg.resume:
-        run_dir = Path(cfg.resume)
-        if not (run_dir / "config.json").exists():
-            raise UsageError(f"--resume {run_dir}: not a run folder (no config.json)")
-        return run_dir
+        return Path(cfg.resume)
     run_dir = Path(cfg.out or f"runs/{cfg.task}-{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if check and run_dir.exists() and any(run_dir.iterdir()):
-        raise UsageError(f"run folder {run_dir} already exists; choose another --out or continue it with "
-                         "--resume")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--out {run_dir}: a file, not a folder")
+    if check and run_dir.exists() and {p.name for p in run_dir.iterdir()} - {"lock"}:
+        raise UsageError(f"run folder {run_dir} already exists; choose another --out, or continue it with "
+                         f"--resume {run_dir} (a run stopped before its first checkpoint starts again)")
     return run_dir
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path, *, active: bool = True):
+    """An exclusive lock on the run folder while the block runs (the lock file holds the pid; the OS releases
+    it when the process ends, even on kill -9): a second run, resume or --eval-only into it is refused."""
+    if not active:
+        yield
+        return
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / "lock", os.O_RDWR | os.O_CREAT)
+    except OSError as err:
+        raise UsageError(f"cannot create the run folder {run_dir}: {err.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            raise UsageError(f"run folder {run_dir} is in use by another process (pid {holder})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def read_run(run_dir: str) -> tuple[dict, list[dict]]:
@@ -979,18 +1060,26 @@ def read_run(run_dir: str) -> tuple[dict, list[dict]]:
     run = Path(run_dir)
     if not (run / "config.json").exists() or not (run / "metrics.jsonl").exists():
         raise UsageError(f"{run}: not a run folder (no config.json and metrics.jsonl)")
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return json.loads((run / "config.json").read_text()), rows
+    try:
+        config = json.loads((run / "config.json").read_text())
+    except ValueError as err:
+        raise UsageError(f"{run}/config.json is not valid JSON: {err}") from None
+    missing = [k for k in ("task", "model", "algo", "loss_agg", "seed") if k not in config]
+    if missing:
+        raise UsageError(f"{run}/config.json lacks {missing[0]!r}")
+    return config, read_jsonl(run / "metrics.jsonl")
 
 
 def checkpoint_paths(run_dir: Path) -> list[Path]:
-    """The run's checkpoints, oldest first."""
-    return sorted((run_dir / "checkpoints").glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+    """The run's checkpoints step-N.pt, oldest first (other files are not checkpoints)."""
+    paths = [p for p in (run_dir / "checkpoints").glob("step-*.pt") if p.stem[5:].isdigit()]
+    return sorted(paths, key=lambda p: int(p.stem[5:]))
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, *, stream: PromptStream,
                     extra: dict, keep: int) -> Path:
-    """Everything needed to continue bit for bit, written to a temporary file and renamed (atomic)."""
+    """Everything needed to continue bit for bit, written to a temporary file and renamed (atomic). A write
+    error (a full disk) removes the partial file and stops the run; the previous checkpoint stays intact."""
     folder = run_dir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -1000,28 +1089,38 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, *, st
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
     path = folder / f"step-{step}.pt"
     partial = path.with_suffix(".pt.tmp")
-    torch.save(state, partial)
+    try:
+        torch.save(state, partial)
+    except (OSError, RuntimeError) as err:
+        partial.unlink(missing_ok=True)
+        raise RunStopped(f"cannot write the checkpoint {path} ({(str(err).splitlines() or [''])[0][:120]}); "
+                         "the previous checkpoint is intact") from None
     partial.replace(path)
     for old in checkpoint_paths(run_dir)[:-keep]:
         old.unlink()
     return path
 
 
-def load_checkpoint(run_dir: Path, model, optimizer, scheduler) -> tuple[int, dict, dict]:
-    """Restore the latest checkpoint in place; returns (step, prompt stream state, extra)."""
-    paths = checkpoint_paths(run_dir)
-    if not paths:
-        raise UsageError(f"no checkpoint to resume in {run_dir / 'checkpoints'}")
-    state = torch.load(paths[-1], map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state["step"], state["stream"], state["extra"]
+def load_checkpoint(run_dir: Path, model, optimizer, scheduler) -> tuple[int, dict, dict] | None:
+    """Restore the newest checkpoint that loads, in place (one line names each one that does not); returns
+    (step, prompt stream state, extra), or None when there is none."""
+    for path in reversed(checkpoint_paths(run_dir)):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        except Exception as err:  # truncated, empty, garbage: any of torch.load's many errors
+            print(f"checkpoint {path} does not load ({type(err).__name__}); trying an older one",
+                  file=sys.stderr)
+            continue
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        return state["step"], state["stream"], state["extra"]
+    return None
 
 
 class StopSignal:
@@ -1079,9 +1178,37 @@ def start_wandb(cfg: Config, run_dir: Path):
                       config=dataclasses.asdict(cfg))
 
 
-def start_run(cfg: Config, device: torch.device, rank: int, world: int) -> Run:
-    """Data, models and optimizer; a new run folder with config.json, or the latest checkpoint of --resume."""
-    run_dir = prepare_run_dir(cfg, check=rank == 0)
+def fitting(task, examples: list[dict], tokenizer, cfg: Config, context: int | None,
+            split: str) -> list[dict]:
+    """The examples whose prompt plus --max-new-tokens fit in the model's context; the others are skipped with
+    a count. A prompt has at most as many tokens as bytes, plus its template's: only long ones are encoded."""
+    room = (context or 0) - cfg.max_new_tokens
+    suspects = [i for i, ex in enumerate(examples)
+                if context and len(task.instruction(ex).encode()) + 256 > room]
+    prompts = encode_prompts(task, [examples[i] for i in suspects], tokenizer, cfg.prompt_format)
+    too_long = {i for i, ids in zip(suspects, prompts) if len(ids) > room}
+    if too_long:
+        print(f"{task.name}/{split}: skipped {len(too_long)} of {len(examples)} prompts longer than the "
+              f"model's context ({context} tokens) less --max-new-tokens", file=sys.stderr)
+    kept = [ex for i, ex in enumerate(examples) if i not in too_long]
+    if not kept:
+        raise UsageError(f"{task.name}/{split}: no prompt fits in the model's context with --max-new-tokens "
+                         f"{cfg.max_new_tokens}")
+    return kept
+
+
+def context_length(model, cfg: Config) -> int | None:
+    """The model's context in tokens (None if its config does not say); --max-new-tokens must fit in it."""
+    context = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    if context and cfg.max_new_tokens >= context:
+        raise UsageError(f"--max-new-tokens {cfg.max_new_tokens} does not fit in the model's context of "
+                         f"{context} tokens")
+    return context
+
+
+def start_run(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: int) -> Run:
+    """Data, models and optimizer; config.json written (a resumed run records its new --steps), and the newest
+    checkpoint restored for --resume, with the logs cut back to its step (without one, from step 0)."""
     task = tasks.get_task(cfg.task)
     if cfg.prompts_per_step % world:
         raise UsageError(f"--prompts-per-step {cfg.prompts_per_step} must divide evenly over {world} ranks")
@@ -1091,6 +1218,9 @@ def start_run(cfg: Config, device: torch.device, rank: int, world: int) -> Run:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     model, tokenizer = load_model(cfg.model, device)
+    context = context_length(model, cfg)
+    train_set = fitting(task, train_set, tokenizer, cfg, context, "train")
+    eval_set = fitting(task, test_set[:cfg.eval_size or None], tokenizer, cfg, context, "test")
     ref_model = load_model(cfg.model, device)[0].eval().requires_grad_(False) if cfg.beta > 0 else None
     if cfg.grad_ckpt:
         model.activation_checkpointing_enable()  # transformers 5's name of gradient checkpointing
@@ -1101,17 +1231,19 @@ def start_run(cfg: Config, device: torch.device, rank: int, world: int) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                   lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
     stream, start_step, extra = PromptStream(len(train_set), cfg.seed), 0, {"nonfinite_in_a_row": 0}
-    if cfg.resume:
-        start_step, stream_state, extra = load_checkpoint(run_dir, model, optimizer, scheduler)
-        if start_step >= cfg.steps:
+    restored = load_checkpoint(run_dir, model, optimizer, scheduler) if cfg.resume else None
+    if restored is not None:
+        start_step, stream_state, extra = restored
+        finished = (run_dir / "eval.json").exists()
+        if start_step > cfg.steps or (start_step == cfg.steps and finished):
             raise UsageError(f"{run_dir} already ran {start_step} steps; pass --steps N (N > {start_step}) "
                              "to go on")
         stream = PromptStream(len(train_set), cfg.seed, **stream_state)
-    elif rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", dataclasses.asdict(cfg))
-    eval_set = test_set[:cfg.eval_size or None]
+    elif cfg.resume and rank == 0:
+        print(f"{run_dir}: no checkpoint that loads; the run starts again from step 0", flush=True)
     if rank == 0:
+        cut_logs(run_dir, start_step if restored else -1)
+        write_json(run_dir / "config.json", {**dataclasses.asdict(cfg), "resume": None})
         print(f"run folder: {run_dir}  |  {len(train_set)} train / {len(eval_set)} eval problems  |  "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters on {device}", flush=True)
     return Run(run_dir, task, train_set, eval_set, model, tokenizer,
@@ -1190,16 +1322,17 @@ def checkpoint_if_due(run: Run, cfg: Config, step: int, *, stopping: bool) -> No
 
 def pause_run(run: Run, step: int) -> None:
     """Rank 0, after a stop signal and its checkpoint: how to continue, and the W&B run closed."""
-    print(f"stopped at step {step}; continue with: python rlino.py --resume {run.dir}", flush=True)
+    print(f"stopped at step {step} (exit code {EXIT_PAUSED}: unfinished); continue with: python rlino.py "
+          f"--resume {run.dir}", flush=True)
     if run.wandb is not None:
         run.wandb.finish()
 
 
 def run_summary(rows: list[dict], cfg: Config) -> tuple[dict, list[str]]:
     """What a finished run tells, from its metrics lines: eval accuracy start -> end, the share of groups that
-    carried any signal (rewards not all equal), and the mean length of correct and incorrect completions at the
-    first and the last step (the first and last steps that had such completions). Returns the numbers and the
-    lines to print, with a plain warning when at least 80 % of the groups carried no signal."""
+    carried any signal (rewards not all equal), and the mean length of correct and incorrect completions at
+    the first and the last step (that had such completions). Returns the numbers and the lines to print, with
+    a plain warning when at least 80 % of the groups carried no signal."""
     evals = [r for r in rows if r.get("eval_accuracy") is not None]
     steps = [r for r in rows if "reward_mean" in r]
 
@@ -1223,17 +1356,21 @@ def run_summary(rows: list[dict], cfg: Config) -> tuple[dict, list[str]]:
              f"mean length of correct completions {tokens(summary['len_correct'])} tokens, of incorrect ones "
              f"{tokens(summary['len_incorrect'])} (first -> last step)"]
     if summary["signal_share"] <= 0.2:
-        lines.append(f"{1 - summary['signal_share']:.0%} of the groups had all-equal rewards: little to learn "
-                     "from. Ways out: a stronger --model, a larger --group-size, or the CPU experiments "
-                     "(./run.sh length, ./run.sh accuracy).")
+        lines.append(f"{1 - summary['signal_share']:.0%} of the groups had all-equal rewards: little to "
+                     "learn from. Ways out: a stronger --model, a larger --group-size, or the CPU "
+                     "experiments (./run.sh length, ./run.sh accuracy).")
     return summary, lines
 
 
 def finish_run(run: Run, cfg: Config, step: int, last_eval: dict) -> None:
-    """Rank 0: the final model and tokenizer into model/, the final evaluation into eval.json, and the run's
-    summary, printed and written to summary.json."""
-    run.model.save_pretrained(run.dir / "model")
-    run.tokenizer.save_pretrained(run.dir / "model")
+    """Rank 0: the final model and tokenizer into model/ (written beside it, then renamed), the final
+    evaluation into eval.json (which marks the run finished), and the summary, printed and in summary.json."""
+    partial = run.dir / "model.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    run.model.save_pretrained(partial)
+    run.tokenizer.save_pretrained(partial)
+    shutil.rmtree(run.dir / "model", ignore_errors=True)
+    partial.replace(run.dir / "model")
     write_json(run.dir / "eval.json", {"model": cfg.model, "task": cfg.task, "step": step, **last_eval})
     summary, lines = run_summary(read_run(run.dir)[1], cfg)
     write_json(run.dir / "summary.json", {**summary, "text": lines})
@@ -1244,15 +1381,34 @@ def finish_run(run: Run, cfg: Config, step: int, last_eval: dict) -> None:
     print(f"done: model saved to {run.dir / 'model'}", flush=True)
 
 
-def train(cfg: Config, device: torch.device, rank: int, world: int) -> Path:
+def opening_eval(run: Run, cfg: Config, *, rank: int, world: int) -> dict | None:
+    """Step 0 of a new run: evaluate and log. A run that only has to be finished (stopped or killed after its
+    last step): the evaluation logged at that step, else a new one. A run resumed mid-way: none."""
+    if 0 < run.start_step < cfg.steps:
+        return None
+    if run.start_step > 0 and (run.dir / "metrics.jsonl").exists():
+        logged = [r for r in read_jsonl(run.dir / "metrics.jsonl")
+                  if r.get("step") == run.start_step and r.get("eval_accuracy") is not None]
+        if logged:
+            return {k: v for k, v in logged[-1].items() if k.startswith("eval_")}
+    result = evaluate_run(run, cfg, run.start_step, rank=rank, world=world)
+    if rank == 0 and run.start_step == 0:
+        log_metrics(run, {"step": 0, **result})
+    return result
+
+
+def ensure_finite_weights(model, step: int) -> None:
+    """Stop before non-finite weights reach the sampler (a huge learning rate, an overflow)."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise RunStopped(f"the weights became non-finite in the update of step {step} (lower --lr?); the "
+                         "last checkpoint holds finite weights")
+
+
+def train(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: int) -> Path:
     """The training loop: sample -> score -> advantages -> optimise -> refresh -> log; evaluate and checkpoint
-    as configured. Returns the run folder."""
-    run, per_rank = start_run(cfg, device, rank, world), cfg.prompts_per_step // world
-    last_eval = None
-    if run.start_step == 0:
-        last_eval = evaluate_run(run, cfg, 0, rank=rank, world=world)
-        if rank == 0:
-            log_metrics(run, {"step": 0, **last_eval})
+    as configured. Returns the run folder; a stop signal exits with EXIT_PAUSED after a checkpoint."""
+    run, per_rank = start_run(cfg, run_dir, device, rank, world), cfg.prompts_per_step // world
+    last_eval = opening_eval(run, cfg, rank=rank, world=world)
     step = run.start_step
     with StopSignal() as stop_signal:
         for step in range(run.start_step + 1, cfg.steps + 1):
@@ -1272,6 +1428,7 @@ def train(cfg: Config, device: torch.device, rank: int, world: int) -> Path:
                              sample_weights=sample_weights, ref_model=run.ref_model, ddp_model=run.ddp_model,
                              amp=run.amp, world=world)
             run.scheduler.step()
+            ensure_finite_weights(run.model, step)
             refresh_sampler(run.sampler, run.model)
             metrics = step_metrics(step, rewards, rollout, stats, cfg, world=world,
                                    lr=run.scheduler.get_last_lr()[0], seconds=(t1 - t0, time.time() - t1))
@@ -1282,14 +1439,14 @@ def train(cfg: Config, device: torch.device, rank: int, world: int) -> Path:
                 log_step(run, metrics, examples, texts, rewards, cfg)
             run.extra["nonfinite_in_a_row"] = 0 if stats["finite"] else run.extra["nonfinite_in_a_row"] + 1
             if run.extra["nonfinite_in_a_row"] >= cfg.max_nonfinite:
-                sys.exit(f"rlino: stopped: {cfg.max_nonfinite} updates in a row had a non-finite loss or "
-                         f"gradient (last at step {step}); lower --lr or check the data")
+                raise RunStopped(f"{cfg.max_nonfinite} updates in a row had a non-finite loss or gradient "
+                                 f"(last at step {step}); lower --lr or check the data")
             if rank == 0:
                 checkpoint_if_due(run, cfg, step, stopping=stop_signal.requested)
-            if stop_signal.requested:
+            if stop_signal.requested and step < cfg.steps:  # at the last step: finish the run instead
                 if rank == 0:
                     pause_run(run, step)
-                return run.dir
+                raise SystemExit(EXIT_PAUSED)
     if rank == 0:
         finish_run(run, cfg, step, last_eval)
     return run.dir
@@ -1297,47 +1454,88 @@ def train(cfg: Config, device: torch.device, rank: int, world: int) -> Path:
 
 # --------------------------------------------------------------------------- main
 def eval_only(cfg: Config, device: torch.device, rank: int, world: int) -> dict:
-    """Evaluate --model on --task's test split and write eval.json into --out."""
+    """Evaluate --model on --task's test split and write eval.json into --out, never over an existing one."""
+    out = Path(cfg.out or f"runs/eval-{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (out / "eval.json").exists():
+        raise UsageError(f"{out / 'eval.json'} exists and --eval-only never overwrites it; choose another "
+                         "--out")
     task = tasks.get_task(cfg.task)
-    eval_set = task.load("test", data_dir=cfg.data_dir)[:cfg.eval_size or None]
     model, tokenizer = load_model(cfg.model, device)
+    test_set = task.load("test", data_dir=cfg.data_dir)[:cfg.eval_size or None]
+    eval_set = fitting(task, test_set, tokenizer, cfg, context_length(model, cfg), "test")
     torch.manual_seed(cfg.seed)
-    result = evaluate(model, tokenizer, task, eval_set, cfg, stop_ids=stop_token_ids(tokenizer, model),
-                      amp=autocast(device, cfg), rank=rank, world=world)
-    result = {"model": cfg.model, "task": cfg.task, "max_new_tokens": cfg.max_new_tokens, **result}
-    if rank == 0:
-        out = Path(cfg.out or f"runs/eval-{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "eval.json", result)
-        print(json.dumps(result, indent=2))
-        print(f"wrote {out / 'eval.json'}")
+    with run_dir_lock(out, active=rank == 0):
+        result = evaluate(model, tokenizer, task, eval_set, cfg, stop_ids=stop_token_ids(tokenizer, model),
+                          amp=autocast(device, cfg), rank=rank, world=world)
+        result = {"model": cfg.model, "task": cfg.task, "max_new_tokens": cfg.max_new_tokens, **result}
+        if rank == 0:
+            write_json(out / "eval.json", result)
+            print(json.dumps(result, indent=2))
+            print(f"wrote {out / 'eval.json'}")
     return result
 
 
-def main(argv: list[str] | None = None):
-    """Parse, resolve, run. Bad input ends with one line on stderr and exit code 2."""
-    args = build_parser().parse_args(argv)
-    cfg = Config(**vars(args))
+def resumed_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
+    """--resume RUN: the run's own config.json, checked as the command line is (same messages, exit 2). Only
+    --steps may change; any other flag given with --resume is refused, not ignored."""
+    run = Path(args.resume)
+    given = [k for k, v in vars(args).items() if v != parser.get_default(k) and k not in ("resume", "steps")]
+    if given:
+        raise UsageError(f"--{given[0].replace('_', '-')} cannot be given with --resume: a resumed run keeps "
+                         f"the settings of {run / 'config.json'} (only --steps may change)")
     try:
-        if cfg.plot:
-            return plot_runs(cfg.plot, cfg.out or "runs.png")
-        if cfg.table:
-            return print(results_table(cfg.table))
-        if cfg.resume:  # a resumed run keeps its own config; only --resume and --steps may change
-            saved = json.loads((Path(cfg.resume) / "config.json").read_text()) \
-                if (Path(cfg.resume) / "config.json").exists() else {}
-            cfg = Config(**{**saved, "resume": cfg.resume, "steps": cfg.steps or saved.get("steps")})
-        if cfg.algo not in ALGOS:
-            raise UsageError(f"unknown algo {cfg.algo!r}; choose from {', '.join(ALGOS)}")
+        saved = json.loads((run / "config.json").read_text())
+    except FileNotFoundError:
+        raise UsageError(f"--resume {run}: not a run folder (no config.json)") from None
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{run / 'config.json'}: not a valid config ({err})") from None
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    unknown = sorted(set(saved) - set(fields)) if isinstance(saved, dict) else ["(not a JSON object)"]
+    if unknown:
+        raise UsageError(f"{run / 'config.json'}: unknown setting {unknown[0]}")
+    argv = []
+    for key, value in saved.items():
+        flag = "--" + key.replace("_", "-")
+        if key in ("resume", "plot", "table") or value is None:
+            continue
+        if fields[key].type == "bool":
+            if not isinstance(value, bool):
+                raise UsageError(f"{run / 'config.json'}: {key} must be true or false, got {value!r}")
+            argv.append(flag if value else "--no-" + flag[2:])
+        else:
+            argv += [flag, str(value)]
+    cfg = Config(**vars(parser.parse_args(argv)))  # types and choices checked here, range checks later
+    cfg.resume, cfg.steps = str(run), args.steps or cfg.steps
+    return cfg
+
+
+def main(argv: list[str] | None = None):
+    """Parse, resolve, run. Bad input ends with one line on stderr and exit code 2; a run that cannot go on
+    with one line `rlino: stopped: ...` and exit code 1; a stop signal after a checkpoint with EXIT_PAUSED."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.plot:
+            return plot_runs(args.plot, args.out or "runs.png")
+        if args.table:
+            return print(results_table(args.table))
+        cfg = resumed_config(args, parser) if args.resume else Config(**vars(args))
         device, rank, world = setup_distributed(cfg)
         cfg = resolve_config(cfg, device)
         if rank == 0:
             print("config:", json.dumps(dataclasses.asdict(cfg), sort_keys=True), flush=True)
         if cfg.eval_only:
             return eval_only(cfg, device, rank, world)
-        return train(cfg, device, rank, world)
+        run_dir = prepare_run_dir(cfg, check=rank == 0)
+        with run_dir_lock(run_dir, active=rank == 0):
+            return train(cfg, run_dir, device, rank, world)
     except (UsageError, tasks.DataError) as err:
         fail(str(err))
+    except RunStopped as err:
+        sys.exit(f"rlino: stopped: {err}")
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, after the last checkpoint
+        print("rlino: interrupted", file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -1447,6 +1645,8 @@ def plot_runs(run_dirs: list[str], out_png: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
+    if Path(out_png).suffix.lower() != ".png" or not Path(out_png).parent.is_dir():
+        raise UsageError(f"--out {out_png}: a .png file in an existing folder, please")
     panels = [("eval_accuracy", "eval accuracy"), ("reward_mean", "train reward"),
               ("len_correct", "length of correct answers"), ("len_incorrect", "length of incorrect answers")]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
@@ -1465,7 +1665,10 @@ def plot_runs(run_dirs: list[str], out_png: str) -> None:
             ax.set_xlabel("step")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
+    try:
+        fig.savefig(out_png, dpi=100)
+    except OSError as err:
+        raise UsageError(f"cannot write {out_png}: {err.strerror}") from None
     print(f"wrote {out_png}")
 
 

@@ -57,7 +57,8 @@ def resolve_data_dir(data_dir: str | None) -> str | None:
 
 
 def read_jsonl(path: str) -> list:
-    """One parsed JSON value per non-empty line; a line that is not valid JSON becomes None (a bad record)."""
+    """One parsed JSON value per non-empty line; a line that does not parse becomes None (a bad record): not
+    JSON, nested past Python's recursion limit ('[' * 100_000), or an integer past its 4,300-digit limit."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = [line for line in f if line.strip()]
@@ -67,18 +68,44 @@ def read_jsonl(path: str) -> list:
     for line in lines:
         try:
             rows.append(json.loads(line))
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # ValueError includes json.JSONDecodeError
             rows.append(None)
     return rows
 
 
+# Bounds on record fields, so that a bad record is skipped at loading instead of failing or blowing up later
+# (in the tokenizer, the model or the verifier). The data is far inside them: the longest text is a MATH
+# solution of 6,767 characters, Countdown has 3 or 4 numbers in 1..99 and targets in 10..100.
+MAX_TEXT_CHARS = 20_000  # question, problem, answer: a 10 MB question would blow up the tokenizer and model
+MAX_COUNTDOWN_NUMS = 10  # numbers in one Countdown problem
+MAX_COUNTDOWN_NUM = 10_000  # each number is in 1..MAX_COUNTDOWN_NUM
+MAX_COUNTDOWN_TARGET = 1_000_000  # |target| <= MAX_COUNTDOWN_TARGET
+_SURROGATE = "[\ud800-\udfff]"  # a lone UTF-16 half (JSON '\ud800'): no UTF-8 form, the tokenizer refuses it
+
+
+def is_text(value) -> bool:
+    """A string of at most MAX_TEXT_CHARS characters that the tokenizer can encode."""
+    return isinstance(value, str) and len(value) <= MAX_TEXT_CHARS and not re.search(_SURROGATE, value)
+
+
+def is_countdown_nums(value) -> bool:
+    """1..MAX_COUNTDOWN_NUMS integers (not bools, not '79') in 1..MAX_COUNTDOWN_NUM: [79, 17, 60]."""
+    return (isinstance(value, list) and 1 <= len(value) <= MAX_COUNTDOWN_NUMS
+            and all(type(n) is int and 1 <= n <= MAX_COUNTDOWN_NUM for n in value))
+
+
+def is_countdown_target(value) -> bool:
+    """An integer (not a bool) of absolute value at most MAX_COUNTDOWN_TARGET."""
+    return type(value) is int and abs(value) <= MAX_COUNTDOWN_TARGET
+
+
 def keep_valid(rows: list, fields: dict, where: str) -> list[dict]:
-    """The rows that have every field with the right type; skipped rows are counted on stderr, none left is an
-    error."""
+    """The rows that have every field, each passing its check (fields: name -> check(value) -> bool); skipped
+    rows are counted on stderr, none left is an error."""
     good = [r for r in rows
-            if isinstance(r, dict) and all(isinstance(r.get(k), t) for k, t in fields.items())]
+            if isinstance(r, dict) and all(k in r and check(r[k]) for k, check in fields.items())]
     if not good:
-        raise DataError(f"{where}: none of the {len(rows)} records has the fields {', '.join(fields)}")
+        raise DataError(f"{where}: none of the {len(rows)} records has valid fields {', '.join(fields)}")
     if len(good) < len(rows):
         print(f"{where}: skipped {len(rows) - len(good)} of {len(rows)} records with missing or bad fields",
               file=sys.stderr)
@@ -181,7 +208,7 @@ class Task:
     'per task'."""
 
     name = ""
-    fields: dict = {}  # required record fields and their types
+    fields: dict = {}  # required record fields and the check each value must pass (is_text, ...)
     # plain-text prompt: what the Assistant has already said
     response_prefix = " Let me solve this step by step.\n"
 
@@ -244,7 +271,7 @@ class GSM8K(Task):
     """Grade-school word problems; the gold answer is the number after '####'."""
 
     name = "gsm8k"
-    fields = {"question": str, "answer": str}
+    fields = {"question": is_text, "answer": is_text}
 
     def _from_hub(self, split):
         return hub_rows("openai/gsm8k", "main", split)
@@ -474,7 +501,7 @@ class MATH(Task):
     """Competition mathematics (Hendrycks et al.); the gold answer is a LaTeX string."""
 
     name = "math"
-    fields = {"problem": str, "answer": str}
+    fields = {"problem": is_text, "answer": is_text}
 
     def _from_hub(self, split):
         if split == "test":
@@ -597,7 +624,7 @@ class Countdown(Task):
     """Reach the target from the given numbers with + - * / (TinyZero); the answer goes in <answer> tags."""
 
     name = "countdown"
-    fields = {"nums": list, "target": int}
+    fields = {"nums": is_countdown_nums, "target": is_countdown_target}
     response_prefix = " Let me solve this step by step.\n<think>"
 
     def _records(self, split, data_dir, limit, seed):
@@ -666,8 +693,8 @@ class Arith(GSM8K):
 class ArithReason(Arith):
     """SYNTHETIC task for the CPU length experiment, not a benchmark: arith's problems and splits ('What is
     13 + 8?'), with GSM8K's instruction to reason step by step before a final \\boxed{} answer instead of a
-    bare number, so that the length of an answer is free to move in training. SmolLM2-135M answers about one in
-    five right, in ~120 tokens (a pilot of 64 samples at temperature 0.8: README, "Experiments")."""
+    bare number, so that the length of an answer is free to move in training. SmolLM2-135M answers about one
+    in five right, in ~120 tokens (a pilot of 64 samples at temperature 0.8: README, "Experiments")."""
 
     name = "arith-reason"
 

@@ -1,5 +1,6 @@
 """Tests for rlino: the math on hand-made tensors and tiny models built from a config (no download), the
-verifiers on tables of right, wrong, tricky and adversarial answers, and the real data when RLINO_DATA_DIR is set.
+verifiers on tables of right, wrong, tricky and adversarial answers, and the real data when RLINO_DATA_DIR
+is set.
 
     pytest test_rlino.py                               # CI sets RLINO_DATA_DIR=../shared/data
 """
@@ -7,6 +8,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -30,7 +32,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # --------------------------------------------------------------------------- tiny models
 CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
 SPECIALS = ["<unk>", "<s>", "<|im_end|>", "<|im_start|>"]
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                 "{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
@@ -47,9 +50,10 @@ def make_tiny_model(folder: Path, seed: int = 0, layers: int = 2) -> Path:
                                         eos_token="<|im_end|>", pad_token="<|im_end|>",
                                         additional_special_tokens=["<|im_start|>"])
     tokenizer.chat_template = CHAT_TEMPLATE
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                         tie_word_embeddings=True)
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -61,7 +65,8 @@ def tiny_dir(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
-# The math and sampler tests run on every device here: the CPU, and CUDA when torch sees one (./run.sh gpu-check).
+# The math and sampler tests run on every device here: the CPU, and CUDA when torch sees one
+# (./run.sh gpu-check).
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                 reason="no CUDA device"))]
 
@@ -124,7 +129,8 @@ def parameters(model) -> list[torch.Tensor]:
 
 def gradient_of_update(model, rollout, advantages, cfg, **kwargs) -> tuple[dict, dict]:
     """rlino.update's gradient (an SGD optimizer at lr 0, never stepped) and its statistics."""
-    stats = rlino.update(model, torch.optim.SGD(model.parameters(), lr=0.0), rollout, advantages, cfg, **kwargs)
+    stats = rlino.update(model, torch.optim.SGD(model.parameters(), lr=0.0), rollout, advantages, cfg,
+                         **kwargs)
     return gradients(model), stats
 
 
@@ -139,7 +145,8 @@ def full_forward_logprobs(model, rollout, temperature: float) -> torch.Tensor:
     log_softmax(logits / T), as TRL and verl take them. Independent of rlino's LM-head shortcut."""
     input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
     attention = torch.cat([rollout.prompt_mask, rollout.completion_mask.long()], 1)
-    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=rlino.positions(attention)).logits
+    logits = model(input_ids=input_ids, attention_mask=attention,
+                   position_ids=rlino.positions(attention)).logits
     P = rollout.prompt_ids.shape[1]
     logprobs = torch.log_softmax(logits[:, P - 1:-1].float() / temperature, -1)
     return logprobs.gather(-1, rollout.completion_ids[..., None])[..., 0] * rollout.completion_mask
@@ -175,20 +182,25 @@ def test_all_equal_group_gives_zero_not_nan():
 
 
 def test_fisft_sample_weights():
-    """F-ISFT weights under binary rewards: F-ISFT+- = A (GRPO's), F-ISFT+ / F-ISFT- keep one side; unit = +-1."""
+    """F-ISFT weights under binary rewards: F-ISFT+- = A (GRPO's), F-ISFT+ / F-ISFT- keep one side;
+    unit = +-1."""
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
     adv = rlino.group_advantages(rewards, 4)
     assert torch.equal(rlino.fisft_sample_weights(rewards, adv, "fisft+-", "adv"), adv)
-    assert torch.equal(rlino.fisft_sample_weights(rewards, adv, "fisft+", "unit"), torch.tensor([1.0, 0, 0, 1]))
-    assert torch.equal(rlino.fisft_sample_weights(rewards, adv, "fisft-", "unit"), torch.tensor([0.0, -1, -1, 0]))
+    assert torch.equal(rlino.fisft_sample_weights(rewards, adv, "fisft+", "unit"),
+                       torch.tensor([1.0, 0, 0, 1]))
+    assert torch.equal(rlino.fisft_sample_weights(rewards, adv, "fisft-", "unit"),
+                       torch.tensor([0.0, -1, -1, 0]))
     plus = rlino.fisft_sample_weights(rewards, adv, "fisft+", "adv")
     assert (plus[[0, 3]] > 0).all() and (plus[[1, 2]] == 0).all()
 
 
 @pytest.mark.parametrize("mode", ["adv", "unit"])
 def test_fisft_never_pushes_a_sample_the_wrong_way(mode):
-    """With a format reward (non-binary rewards), F-ISFT+ never lowers a likelihood, F-ISFT- never raises one."""
-    rewards = torch.tensor([0.1, 0.0, 0.0, 0.0, 1.0, 0.1, 0.0, 0.1])  # group 1: a formatted wrong answer leads
+    """With a format reward (non-binary rewards), F-ISFT+ never lowers a likelihood,
+    F-ISFT- never raises one."""
+    # group 1: a formatted wrong answer leads
+    rewards = torch.tensor([0.1, 0.0, 0.0, 0.0, 1.0, 0.1, 0.0, 0.1])
     adv = rlino.group_advantages(rewards, 4)
     assert adv[0] > 1.7  # what GRPO does: +1.73 for a wrong answer
     plus, minus, both = (rlino.fisft_sample_weights(rewards, adv, algo, mode)
@@ -219,13 +231,15 @@ def test_grpo_gradient_equals_fisft_pm_gradient(tiny, mixed, loss_agg):
     grad_fisft, fisft = gradient_of_update(model, rollout, adv, cfg, sample_weights=weights)
     assert_same_gradients(grad_grpo, grad_fisft)
     assert grpo["grad_norm"] > 0 and grpo["clip_frac"] == 0.0
-    assert fisft["grad_norm"] == pytest.approx(grpo["grad_norm"], rel=1e-5)  # the loss values differ; not the update
+    # the loss values differ; not the update
+    assert fisft["grad_norm"] == pytest.approx(grpo["grad_norm"], rel=1e-5)
 
 
 @pytest.mark.parametrize("loss_agg", ["seq", "token", "const"])
 def test_gradient_equals_trls_formula_at_the_sampling_temperature(tiny, mixed, loss_agg):
     """J_GRPO written as TRL writes it (log_softmax(logits / T), ratio to pi_old, clip, k3 KL, seq / token /
-    const means), from a plain forward: the same gradient as rlino's micro-batched update, also with mu > 1."""
+    const means), from a plain forward: the same gradient as rlino's micro-batched update, also with
+    mu > 1."""
     model, _ = tiny
     rollout, _, adv = mixed
     cfg = resolved(loss_agg=loss_agg, temperature=0.6, max_new_tokens=12, micro_batch=5, max_grad_norm=1e9,
@@ -247,7 +261,8 @@ def test_gradient_equals_trls_formula_at_the_sampling_temperature(tiny, mixed, l
     trl = gradients(model)
     mine, stats = gradient_of_update(model, rollout, adv, cfg, old_logprobs=old, ref_logprobs=ref)
     worst = max((trl[n] - mine[n]).abs().max().item() for n in trl)
-    print(f"{loss_agg}: max |grad rlino - grad TRL formula| = {worst:.2e}, clip_frac {stats['clip_frac']:.3f}")
+    print(f"{loss_agg}: max |grad rlino - grad TRL formula| = {worst:.2e}, "
+          f"clip_frac {stats['clip_frac']:.3f}")
     assert stats["clip_frac"] > 0 and stats["kl"] > 0, "the comparison must exercise the clip and the KL"
     assert stats["loss"] == pytest.approx(loss.item(), rel=1e-5)
     assert_same_gradients(trl, mine, atol=1e-6, rtol=1e-4)
@@ -348,8 +363,8 @@ def test_kl_term_pulls_towards_reference(tiny, mixed):
 
 
 def test_clip_frac_and_kl_are_means_over_all_completion_tokens(tiny, device):
-    """TRL's metric definitions: clipped tokens / all completion tokens of the step, and the mean k3 over them,
-    also when the rows of an all-equal group are skipped."""
+    """TRL's metric definitions: clipped tokens / all completion tokens of the step, and the mean k3 over
+    them, also when the rows of an all-equal group are skipped."""
     model, _ = tiny
     rollout = random_rollout(device=device)
     mask = rollout.completion_mask
@@ -364,7 +379,8 @@ def test_clip_frac_and_kl_are_means_over_all_completion_tokens(tiny, device):
     assert stats["update_rows"] == 8 and stats["clip_frac"] > 0
     assert stats["clip_frac"] == pytest.approx(((clipped * mask).sum() / mask.sum()).item(), rel=1e-6)
     ref = now - 0.4 * mask
-    _, stats = gradient_of_update(model, rollout, adv, resolved(max_new_tokens=12, beta=0.5), ref_logprobs=ref)
+    _, stats = gradient_of_update(model, rollout, adv, resolved(max_new_tokens=12, beta=0.5),
+                                  ref_logprobs=ref)
     expected_kl = (rlino.kl_k3(now, ref) * mask).sum() / mask.sum()
     assert stats["kl"] == pytest.approx(expected_kl.item(), rel=1e-5)
 
@@ -386,7 +402,8 @@ def test_old_logprobs_only_where_the_ratio_needs_them(tiny, mixed, monkeypatch, 
 
 # --------------------------------------------------------------------------- (d) the length effect
 def test_seq_aggregation_makes_long_answers_cheap_per_token():
-    """seq: weight 1/(N |o_i|), a long answer's tokens weigh less; token (DAPO) and const (Dr. GRPO) do not."""
+    """seq: weight 1/(N |o_i|), a long answer's tokens weigh less;
+    token (DAPO) and const (Dr. GRPO) do not."""
     lengths = torch.tensor([10, 20, 40])
     mask = (torch.arange(40)[None] < lengths[:, None]).float()
     per_token = rlino.token_weights(mask, "seq", max_new_tokens=40)[:, 0]
@@ -433,8 +450,8 @@ def test_sampler_draws_from_exp_of_the_update_logprobs(tiny, monkeypatch):
 
 @pytest.mark.parametrize("group_size", [1, 3])
 def test_sampler_greedy_equals_generate(tiny, group_size):
-    """Greedy, every row equals generate's, also when G rows share their prompt's cache and after rows of other
-    groups have stopped and left the batch."""
+    """Greedy, every row equals generate's, also when G rows share their prompt's cache and after rows of
+    other groups have stopped and left the batch."""
     model, tokenizer = tiny
     model.eval()
     prompts = [tokenizer(t)["input_ids"] for t in ["What is 2+2?", "Hi", "A longer prompt, of more tokens."]]
@@ -494,7 +511,8 @@ def greedy_matches_generate(sampler, prompts, max_new_tokens=10, group_size=1) -
     ids, mask = (x.to(sampler.device) for x in rlino.left_pad(prompts, 2))
     expected = sampler.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                 do_sample=False, eos_token_id=[2], pad_token_id=2)[:, ids.shape[1]:]
-    rollout = rlino.sample(sampler, prompts, max_new_tokens=max_new_tokens, stop_ids=[2], group_size=group_size)
+    rollout = rlino.sample(sampler, prompts, max_new_tokens=max_new_tokens, stop_ids=[2],
+                           group_size=group_size)
     for row, n in enumerate(rollout.lengths.tolist()):
         assert rollout.completion_ids[row, :n].tolist() == expected[row // group_size, :n].tolist()
 
@@ -505,8 +523,9 @@ def test_sampler_keeps_sliding_window_attention(tiny, device):
     from transformers import Qwen2Config, Qwen2ForCausalLM
     _, tokenizer = tiny
     config = Qwen2Config(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
-                         max_window_layers=1, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+                         num_attention_heads=4, num_key_value_heads=2,
+                         use_sliding_window=True, sliding_window=4, max_window_layers=1,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config).eval().to(device)
     assert not rlino.full_attention_only(model)
@@ -534,13 +553,14 @@ def test_preallocated_cache_is_written_in_place(tiny):
 
 
 def test_sampler_model_is_a_bf16_copy_that_follows_the_policy(tiny):
-    """--sampler-dtype bfloat16: a bf16 copy (fp32 buffers, tied head), refreshed to the policy, greedy equal to
-    generate on the copy, also without padding (an all-ones decode mask)."""
+    """--sampler-dtype bfloat16: a bf16 copy (fp32 buffers, tied head), refreshed to the policy, greedy equal
+    to generate on the copy, also without padding (an all-ones decode mask)."""
     model, tokenizer = tiny
     assert rlino.sampler_model(model, "float32") is model
     sampler = rlino.sampler_model(model, "bfloat16")
     assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in sampler.parameters())
-    assert all(b.dtype == c.dtype for b, c in zip(sampler.buffers(), model.buffers()))  # rotary frequencies: fp32
+    # rotary frequencies: fp32
+    assert all(b.dtype == c.dtype for b, c in zip(sampler.buffers(), model.buffers()))
     assert sampler.get_input_embeddings().weight is sampler.get_output_embeddings().weight  # still tied
     with torch.no_grad():
         for p in model.parameters():
@@ -569,7 +589,8 @@ def toy_reward(completion: str, example: dict, format_reward: float = 0.0) -> fl
 
 
 def alternating_reward():
-    """A reward that alternates 1, 0, 1, ... call by call: every group is mixed, every row has an advantage."""
+    """A reward that alternates 1, 0, 1, ... call by call: every group is mixed,
+    every row has an advantage."""
     calls = iter(range(10**9))
     return lambda completion, example, format_reward=0.0: float(next(calls) % 2 == 0)
 
@@ -656,8 +677,8 @@ def test_embedded_smollm2_loads_samples_and_updates():
 
 
 def test_wandb_logs_the_config_and_every_metrics_line_offline(tiny_dir, tmp_path, monkeypatch):
-    """--wandb PROJECT in W&B's offline mode: a local W&B run inside the run folder, holding the config and the
-    metrics lines; the run folder keeps its own files."""
+    """--wandb PROJECT in W&B's offline mode: a local W&B run inside the run folder, holding the config and
+    the metrics lines; the run folder keeps its own files."""
     monkeypatch.setattr(tasks.get_task("arith"), "reward", toy_reward)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -688,10 +709,12 @@ def test_pass_at_k_unbiased_estimator():
 def test_eval_only_writes_accuracy_pass_at_k_and_lengths(tiny_dir, tmp_path):
     out = tmp_path / "eval"
     result = rlino.main(["--eval-only", "--model", str(tiny_dir), "--task", "arith", "--eval-size", "6",
-                         "--eval-samples", "4", "--max-new-tokens", "8", "--temperature", "1.0", "--out", str(out)])
+                         "--eval-samples", "4", "--max-new-tokens", "8", "--temperature", "1.0",
+                         "--out", str(out)])
     saved = json.loads((out / "eval.json").read_text())
     assert saved["eval_n"] == 6 and saved["eval_accuracy"] == result["eval_accuracy"]
-    assert {"eval_pass@1", "eval_pass@2", "eval_pass@4", "eval_len_incorrect", "eval_len_incorrect_p90"} <= saved.keys()
+    assert {"eval_pass@1", "eval_pass@2", "eval_pass@4", "eval_len_incorrect",
+            "eval_len_incorrect_p90"} <= saved.keys()
     assert saved["eval_pass@1"] <= saved["eval_pass@2"] <= saved["eval_pass@4"]
 
 
@@ -701,10 +724,11 @@ def write_run(folder: Path, algo: str, seed: int, steps: int = 5, wrong_slope: f
     80 + wrong_slope * step tokens long, a share no_signal of all-equal groups at every step."""
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"algo": algo, "loss_agg": "seq", "seed": seed,
-                                                    "task": "arith", "model": "smollm2", "prompts_per_step": 4}))
+                                                    "task": "arith", "model": "smollm2",
+                                                    "prompts_per_step": 4}))
     train = {"truncated_frac": 0.1, "zero_std_frac": no_signal}
-    rows = [{"step": s, **({"reward_mean": 0.1 * s, "len_correct": 50 + s, "len_incorrect": 80 + wrong_slope * s,
-                            **train} if s else {}),
+    rows = [{"step": s, **({"reward_mean": 0.1 * s, "len_correct": 50 + s,
+                            "len_incorrect": 80 + wrong_slope * s, **train} if s else {}),
              **({"eval_accuracy": 0.2 + 0.05 * s, "eval_n": 10} if s % 2 == 0 else {})} for s in range(steps)]
     rows[1]["len_correct"] = None  # a step with no correct answer
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -728,13 +752,15 @@ def test_mean_ci_is_students_t_interval():
     """mean ± t_{0.975, n-1} s / sqrt(n): for 1, 2, 3 that is 2 ± 4.303 / sqrt(3) = 2 ± 2.484."""
     assert rlino.mean_ci([1.0, 2.0, 3.0]) == "2.000 ± 2.484"
     assert rlino.mean_ci([5.0, None]) == "5.000 (n = 1)" and rlino.mean_ci([None]) == "-"
-    assert rlino.slope([(1, 83.0), (2, 86.0), (3, 89.0)]) == pytest.approx(3.0) and rlino.slope([(1, 2.0)]) is None
+    assert (rlino.slope([(1, 83.0), (2, 86.0), (3, 89.0)]) == pytest.approx(3.0)
+            and rlino.slope([(1, 2.0)]) is None)
 
 
 def test_results_table_gives_cis_and_paired_differences(tmp_path, capsys):
     """--table: per group mean ± 95 % CI over seeds, and the paired (by seed) difference to GRPO-seq."""
     runs = [str(write_run(tmp_path / f"{algo}{seed}", algo, seed, wrong_slope=slope))
-            for algo, seed, slope in [("grpo", 0, 3.0), ("grpo", 1, 5.0), ("fisft+", 0, 2.0), ("fisft+", 1, 2.0)]]
+            for algo, seed, slope in [("grpo", 0, 3.0), ("grpo", 1, 5.0),
+                                      ("fisft+", 0, 2.0), ("fisft+", 1, 2.0)]]
     rlino.main(["--table", *runs])
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("| arith")]
@@ -745,14 +771,15 @@ def test_results_table_gives_cis_and_paired_differences(tmp_path, capsys):
     assert grpo_acc[8] == "(reference)" and fisft_acc[8] == "0.000 ± 0.000 [2 pairs]"
     assert grpo_len[5] == "4.000 ± 12.706"  # slopes 3 and 5: mean 4, s = sqrt(2), t_1 = 12.706
     assert fisft_len[5] == "2.000 ± 0.000" and fisft_len[10] == "-2.000 ± 12.706 [2 pairs]"  # 2 - 3, 2 - 5
-    assert grpo_len[6] == "84.000 ± 12.706 → 96.000 ± 50.824" and grpo_len[9] == "0.500 ± 0.000"  # 83, 85 -> 92, 100
+    # 83, 85 -> 92, 100
+    assert grpo_len[6] == "84.000 ± 12.706 → 96.000 ± 50.824" and grpo_len[9] == "0.500 ± 0.000"
     with pytest.raises(SystemExit):  # two runs of one seed cannot be paired
         rlino.main(["--table", runs[0], str(write_run(tmp_path / "again", "grpo", 0))])
 
 
 def test_run_summary_says_when_most_groups_carry_no_signal(tmp_path):
-    """The closing summary: accuracy start -> end, the share of groups with signal, lengths first -> last step,
-    and one plain warning line when at least 80 % of the groups had all-equal rewards."""
+    """The closing summary: accuracy start -> end, the share of groups with signal, lengths first -> last
+    step, and one plain warning line when at least 80 % of the groups had all-equal rewards."""
     cfg = resolved(prompts_per_step=4)
     for no_signal, warned in ((0.5, False), (0.9, True)):
         rows = rlino.read_run(write_run(tmp_path / f"r{no_signal}", "grpo", 0, no_signal=no_signal))[1]
@@ -784,9 +811,11 @@ def test_resume_continues_bit_for_bit(tiny_dir, tmp_path, monkeypatch):
     rlino.main([*run, "--out", str(tmp_path / "split"), "--steps", "2"])
     assert [p.name for p in rlino.checkpoint_paths(tmp_path / "split")] == ["step-2.pt"]
     rlino.main(["--resume", str(tmp_path / "split"), "--steps", "4"])
-    lines = {name: [comparable(json.loads(x)) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    lines = {name: [comparable(json.loads(x))
+                    for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
              for name in ("straight", "split")}
-    train_lines = {name: [{k: v for k, v in x.items() if not k.startswith("eval_")} for x in rows if x["step"] > 0]
+    train_lines = {name: [{k: v for k, v in x.items() if not k.startswith("eval_")}
+                          for x in rows if x["step"] > 0]
                    for name, rows in lines.items()}
     assert [x["step"] for x in train_lines["split"]] == [1, 2, 3, 4]
     assert train_lines["straight"] == train_lines["split"]
@@ -816,15 +845,18 @@ def test_nonfinite_updates_are_skipped_then_stop(tiny_dir, tmp_path, monkeypatch
     run = [*TINY_RUN, "--algo", "fisft+-", "--model", str(tiny_dir), "--eval-size", "1"]
     rlino.main([*run, "--out", str(tmp_path / "a"), "--steps", "2", "--max-nonfinite", "3"])
     lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()][1:]
-    assert [x["skipped_nonfinite"] for x in lines] == [1, 1] and lines[0]["loss"] is None  # NaN -> null in JSON
+    # NaN -> null in JSON
+    assert [x["skipped_nonfinite"] for x in lines] == [1, 1] and lines[0]["loss"] is None
     from transformers import AutoModelForCausalLM
     before = AutoModelForCausalLM.from_pretrained(tiny_dir).state_dict()
     after = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "model").state_dict()
-    assert all(torch.equal(before[n], after[n]) for n in before)  # every update skipped: no NaN in the weights
+    # every update skipped: no NaN in the weights
+    assert all(torch.equal(before[n], after[n]) for n in before)
     with pytest.raises(SystemExit) as exit_info:
         rlino.main([*run, "--out", str(tmp_path / "b"), "--steps", "5", "--max-nonfinite", "2"])
     assert "2 updates in a row had a non-finite loss or gradient" in str(exit_info.value.code)
-    assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 3  # eval at 0, then steps 1 and 2
+    # eval at 0, then steps 1 and 2
+    assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 3
 
 
 def test_cuda_out_of_memory_halves_the_batch_until_it_fits(tiny_dir, tmp_path, monkeypatch, capsys):
@@ -844,16 +876,303 @@ def test_cuda_out_of_memory_halves_the_batch_until_it_fits(tiny_dir, tmp_path, m
     monkeypatch.setattr(rlino, "completion_logprobs", logprobs_fitting_two_rows)
     monkeypatch.setattr(rlino, "sample", sample_fitting_one_prompt)
     out = tmp_path / "run"
-    rlino.main([*TINY_RUN, "--model", str(tiny_dir), "--out", str(out), "--micro-batch", "8", "--sample-batch", "2",
-                "--eval-size", "1", "--eval-batch", "1"])
+    rlino.main([*TINY_RUN, "--model", str(tiny_dir), "--out", str(out), "--micro-batch", "8",
+                "--sample-batch", "2", "--eval-size", "1", "--eval-batch", "1"])
     printed = capsys.readouterr().out
     assert "retrying with --sample-batch 1" in printed
     assert "retrying with --micro-batch 4" in printed and "retrying with --micro-batch 2" in printed
     assert (out / "model").exists()
-    monkeypatch.setattr(rlino, "sample", lambda *a, **k: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("x")))
+    monkeypatch.setattr(rlino, "sample",
+                        lambda *a, **k: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("x")))
     with pytest.raises(torch.cuda.OutOfMemoryError):  # at 1 it gives up
         rlino.main([*TINY_RUN, "--model", str(tiny_dir), "--out", str(tmp_path / "b"), "--sample-batch", "1",
                     "--eval-size", "1", "--eval-batch", "1"])
+
+
+# ---------------------------------------------------------------------- faults: nothing lost, nothing crashes
+def fails_with_one_line(argv: list[str], capsys, *, code: int = 2) -> str:
+    """rlino.main(argv) ends with `code` and one line: 'rlino: error: ...' (exit 2, printed on stderr) or
+    'rlino: stopped: ...' (exit 1: sys.exit's message); returns that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        rlino.main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    if code == 2:
+        lines = [x for x in err.splitlines() if x.startswith("rlino: error:")]
+        assert exit_info.value.code == 2 and len(lines) == 1, err
+        return lines[0]
+    assert str(exit_info.value.code).startswith("rlino: stopped:"), exit_info.value.code
+    return str(exit_info.value.code)
+
+
+@pytest.fixture()
+def finished_run(tiny_dir, tmp_path, monkeypatch) -> Path:
+    """A finished 2-step run of the tiny model with a checkpoint per step (toy reward: some groups mixed)."""
+    monkeypatch.setattr(tasks.get_task("arith"), "reward", toy_reward)
+    out = tmp_path / "run"
+    rlino.main([*TINY_RUN, "--model", str(tiny_dir), "--out", str(out), "--save-every", "1",
+                "--keep-checkpoints", "3", "--eval-size", "2"])
+    return out
+
+
+def logged_steps(run: Path) -> list[int]:
+    return [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+BAD_FLAGS = [(["--lr", "nan"], "--lr"), (["--lr", "-1"], "--lr"), (["--lr", "inf"], "--lr"),
+             (["--weight-decay", "nan"], "--weight-decay"), (["--seed", "-1"], "--seed"),
+             (["--seed", str(2**40)], "--seed"), (["--device", "foo"], "--device"),
+             (["--warmup-steps", "-1"], "--warmup-steps"), (["--warmup-steps", "-3"], "--warmup-steps"),
+             (["--eval-size", "-3"], "--eval-size"), (["--beta", "-1"], "--beta"),
+             (["--max-grad-norm", "-1"], "--max-grad-norm"), (["--max-grad-norm", "nan"], "--max-grad-norm"),
+             (["--keep-checkpoints", "0"], "--keep-checkpoints"),
+             (["--keep-checkpoints", "-1"], "--keep-checkpoints"),
+             (["--eval-samples", "-2"], "--eval-samples"), (["--max-nonfinite", "0"], "--max-nonfinite"),
+             (["--temperature", "0"], "--temperature"), (["--temperature", "1e-30"], "--temperature"),
+             (["--temperature", "nan"], "--temperature"), (["--clip-eps", "5"], "--clip-eps"),
+             (["--format-reward", "1"], "--format-reward"),
+             (["--max-new-tokens", "100000"], "--max-new-tokens"),
+             (["--weight-decay", "-1"], "--weight-decay"), (["--lr", "abc"], "--lr")]
+
+
+@pytest.mark.parametrize("flags, named", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_bad_flags_are_one_line_and_exit_2(flags, named, tiny_dir, tmp_path, capsys):
+    """Every flag is checked before anything runs: finite, in range, within the model's context."""
+    line = fails_with_one_line([*TINY_RUN, "--model", str(tiny_dir), "--out", str(tmp_path / "r"), *flags],
+                               capsys)
+    assert named in line, line
+    print(" ".join(flags), "->", line)
+
+
+def test_an_out_that_cannot_be_a_folder_is_one_line(tiny_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for out, says in ((tmp_path / "file", "not a folder"), (tmp_path / "file" / "run", "cannot create")):
+        assert says in fails_with_one_line([*TINY_RUN, "--model", str(tiny_dir), "--out", str(out)], capsys)
+
+
+def test_resume_refuses_flags_it_would_ignore_and_records_new_steps(finished_run, capsys):
+    """With --resume only --steps may change: other flags are refused,
+    a new --steps is saved in config.json."""
+    for flags, named in ((["--lr", "1"], "--lr"), (["--eval-only"], "--eval-only")):
+        assert named in fails_with_one_line(["--resume", str(finished_run), *flags], capsys)
+    assert "already ran 2 steps" in fails_with_one_line(["--resume", str(finished_run)], capsys)
+    rlino.main(["--resume", str(finished_run), "--steps", "3"])
+    assert json.loads((finished_run / "config.json").read_text())["steps"] == 3
+    assert logged_steps(finished_run) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda c: {**c, "task": "chess"}, "--task"), (lambda c: {**c, "loss_agg": "mean"}, "--loss-agg"),
+    (lambda c: {**c, "colour": "red"}, "unknown setting colour"), (lambda c: {**c, "lr": "fast"}, "--lr"),
+    (lambda c: {**c, "grad_ckpt": "yes"}, "grad_ckpt"), (lambda c: {**c, "clip_eps": 5}, "--clip-eps"),
+    (lambda c: "{not json", "not a valid config")])
+def test_a_saved_config_is_checked_like_the_command_line(finished_run, capsys, edit, says):
+    """A hand-edited config.json meets the command line's checks: one line, exit 2."""
+    config = json.loads((finished_run / "config.json").read_text())
+    edited = edit(config)
+    (finished_run / "config.json").write_text(edited if isinstance(edited, str) else json.dumps(edited))
+    assert says in fails_with_one_line(["--resume", str(finished_run), "--steps", "3"], capsys)
+
+
+class StopAlwaysRequested:
+    """A StopSignal whose Ctrl-C has already come."""
+    requested = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def test_a_stop_ends_with_a_checkpoint_and_exit_3_and_at_the_last_step_finishes(tiny_dir, tmp_path,
+                                                                                monkeypatch):
+    """Ctrl-C / SIGTERM: after the step, a checkpoint and exit code 3 (unfinished); during the last step the
+    run is finished instead (model/, eval.json), so that no printed command has to train one step more."""
+    monkeypatch.setattr(tasks.get_task("arith"), "reward", toy_reward)
+    monkeypatch.setattr(rlino, "StopSignal", StopAlwaysRequested)
+    args = [*TINY_RUN, "--model", str(tiny_dir), "--eval-size", "2"]
+    with pytest.raises(SystemExit) as exit_info:
+        rlino.main([*args, "--out", str(tmp_path / "a")])
+    assert exit_info.value.code == rlino.EXIT_PAUSED == 3 and not (tmp_path / "a" / "model").exists()
+    assert [p.name for p in rlino.checkpoint_paths(tmp_path / "a")] == ["step-1.pt"]
+    rlino.main(["--resume", str(tmp_path / "a")])  # the last step: finished although a stop was asked for
+    assert (tmp_path / "a" / "eval.json").exists() and logged_steps(tmp_path / "a") == [0, 1, 2]
+
+
+def test_a_kill_while_the_model_is_written_is_finished_by_resume(finished_run):
+    """kill -9 while model/ was written (model.partial left, no eval.json): --resume writes model/ and
+    eval.json from the logged evaluation, without training or logging a step again."""
+    shutil.rmtree(finished_run / "model")
+    (finished_run / "eval.json").unlink()
+    (finished_run / "model.partial").mkdir()
+    before = (finished_run / "metrics.jsonl").read_text()
+    rlino.main(["--resume", str(finished_run)])
+    assert (finished_run / "model" / "config.json").exists() and not (finished_run / "model.partial").exists()
+    assert (finished_run / "metrics.jsonl").read_text() == before
+    final = json.loads(before.splitlines()[-1])
+    assert json.loads((finished_run / "eval.json").read_text())["eval_accuracy"] == final["eval_accuracy"]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again(finished_run, tiny_dir, capsys):
+    """Stopped during its first evaluation (config.json, no checkpoint): a plain rerun says to use --resume,
+    which starts the run again from step 0 with nothing deleted by hand."""
+    shutil.rmtree(finished_run / "checkpoints")
+    shutil.rmtree(finished_run / "model")
+    (finished_run / "eval.json").unlink()
+    line = fails_with_one_line([*TINY_RUN, "--model", str(tiny_dir), "--out", str(finished_run)], capsys)
+    assert f"--resume {finished_run}" in line
+    rlino.main(["--resume", str(finished_run)])
+    assert logged_steps(finished_run) == [0, 1, 2] and (finished_run / "eval.json").exists()
+
+
+def test_resume_falls_back_to_the_newest_checkpoint_that_loads(finished_run, capsys):
+    """A truncated latest checkpoint and a stray file: resume names the bad one and goes on from the one
+    before; the logs are cut back to it, so no step is logged twice."""
+    latest = rlino.checkpoint_paths(finished_run)[-1]
+    latest.write_bytes(latest.read_bytes()[:1000])
+    (finished_run / "checkpoints" / "step-final.pt").write_text("not a checkpoint")
+    with (finished_run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "reward_me')  # a torn line, as a kill mid-write leaves it
+    rlino.main(["--resume", str(finished_run), "--steps", "3"])
+    assert f"checkpoint {latest} does not load" in capsys.readouterr().err
+    assert logged_steps(finished_run) == [0, 1, 2, 3]
+
+
+def test_a_run_folder_in_use_is_refused_and_eval_only_never_overwrites(finished_run, tiny_dir, capsys):
+    """The lock: a second process cannot train, resume or evaluate into a folder in use; --eval-only never
+    writes over a run's eval.json."""
+    with rlino.run_dir_lock(finished_run):
+        assert "in use" in fails_with_one_line(["--resume", str(finished_run), "--steps", "3"], capsys)
+    args = ["--eval-only", "--model", str(tiny_dir), "--task", "arith", "--eval-size", "2", "--out"]
+    assert "never overwrites" in fails_with_one_line([*args, str(finished_run)], capsys)
+
+
+def test_a_full_disk_while_saving_stops_with_one_line(tiny_dir, tmp_path, monkeypatch, capsys):
+    """A write error during a checkpoint: the partial file removed, the previous checkpoint intact,
+    one line."""
+    real_save = torch.save
+
+    def save_until_the_disk_is_full(state, path):
+        if state["step"] == 2:
+            Path(path).write_bytes(b"partial")
+            raise OSError(28, "No space left on device")
+        real_save(state, path)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
+    out = tmp_path / "run"
+    line = fails_with_one_line([*TINY_RUN, "--model", str(tiny_dir), "--out", str(out), "--save-every", "1"],
+                               capsys, code=1)
+    assert "cannot write the checkpoint" in line and "No space left" in line
+    assert not list((out / "checkpoints").glob("*.tmp"))
+    assert torch.load(rlino.checkpoint_paths(out)[-1], weights_only=False)["step"] == 1
+
+
+def test_non_finite_weights_never_reach_the_sampler(tiny_dir, tmp_path, monkeypatch, capsys):
+    """An update that leaves a non-finite weight stops the run with one line naming the step; the sampler
+    itself refuses non-finite probabilities."""
+    monkeypatch.setattr(tasks.get_task("arith"), "reward", alternating_reward())
+    real = rlino.optimise
+
+    def poisoned(model, *args, **kwargs):  # an update that overflows one weight
+        stats = real(model, *args, **kwargs)
+        next(model.parameters()).data.fill_(float("inf"))
+        return stats
+
+    monkeypatch.setattr(rlino, "optimise", poisoned)
+    line = fails_with_one_line([*TINY_RUN, "--model", str(tiny_dir), "--out", str(tmp_path / "r")],
+                               capsys, code=1)
+    assert "non-finite in the update of step 1" in line
+    with pytest.raises(rlino.RunStopped, match="non-finite"):
+        rlino.next_tokens(torch.full((2, 5), float("nan")), 1.0, 1.0, None)
+
+
+def test_readers_skip_a_torn_line_and_bad_outputs_are_one_line(tmp_path, capsys):
+    """--table and --plot read a run with a torn last line (with a note);
+    a bad --out or config is one line."""
+    run = write_run(tmp_path / "a", "grpo", 0)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "rew')
+    rlino.main(["--table", str(run)])
+    assert "skipped 1 line(s)" in capsys.readouterr().err
+    for out in (tmp_path / "fig.txt", tmp_path / "no-such-folder" / "fig.png"):
+        assert ".png" in fails_with_one_line(["--plot", str(run), "--out", str(out)], capsys)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "seed"}))
+    assert "lacks 'seed'" in fails_with_one_line(["--table", str(run)], capsys)
+
+
+def test_a_second_ctrl_c_is_one_line(monkeypatch, capsys, tiny_dir, tmp_path):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rlino, "train", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        rlino.main([*TINY_RUN, "--model", str(tiny_dir), "--out", str(tmp_path / "r")])
+    assert exit_info.value.code == 130 and capsys.readouterr().err.strip() == "rlino: interrupted"
+
+
+@pytest.mark.parametrize("breakage", ["truncated weights", "wrong type in config.json"])
+def test_a_model_folder_that_fails_to_load_is_one_line(breakage, tiny_dir, tmp_path, capsys):
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_dir, broken)
+    if breakage == "truncated weights":
+        weights = broken / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        config = json.loads((broken / "config.json").read_text())
+        (broken / "config.json").write_text(json.dumps({**config, "hidden_size": "big"}))
+    line = fails_with_one_line([*TINY_RUN, "--model", str(broken), "--out", str(tmp_path / "r")], capsys)
+    assert "cannot load model" in line
+
+
+SLOW_SAVE_LAUNCHER = """
+import sys, time, torch
+sys.path.insert(0, {here!r})
+import rlino, tasks, test_rlino
+tasks.get_task("arith").reward = test_rlino.toy_reward
+real_save = torch.save
+def save(state, path):
+    if state["step"] == 3 and {kill!r}:  # the kill comes while step 3's checkpoint is half written
+        open(path, "wb").write(b"half a checkpoint")
+        print("SAVING", flush=True)
+        time.sleep(120)
+    real_save(state, path)
+torch.save = save
+rlino.main(sys.argv[1:])
+"""
+
+
+def test_kill_9_during_a_checkpoint_write_then_resume(tiny_dir, tmp_path):
+    """kill -9 while a checkpoint is written, then --resume: the previous checkpoint loads, no step is logged
+    twice, and the final weights equal those of an uninterrupted run."""
+    import signal
+    args = [*TINY_RUN, "--model", str(tiny_dir), "--steps", "5", "--save-every", "1", "--eval-size", "2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for name, kill in (("straight", False), ("killed", True)):
+        launcher = tmp_path / f"{name}.py"
+        launcher.write_text(SLOW_SAVE_LAUNCHER.format(here=str(HERE), kill=kill))
+        proc = subprocess.Popen([sys.executable, str(launcher), *args, "--out", str(tmp_path / name)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        if kill:
+            for line in proc.stdout:
+                if line.startswith("SAVING"):
+                    proc.send_signal(signal.SIGKILL)
+                    break
+        output = proc.stdout.read()
+        proc.wait(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, output
+    resumed = subprocess.run([sys.executable, str(tmp_path / "straight.py"), "--resume",
+                              str(tmp_path / "killed")],
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert logged_steps(tmp_path / "killed") == [0, 1, 2, 3, 4, 5]
+    from transformers import AutoModelForCausalLM
+    straight = AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "model").state_dict()
+    killed = AutoModelForCausalLM.from_pretrained(tmp_path / "killed" / "model").state_dict()
+    assert all(torch.equal(straight[n], killed[n]) for n in straight)
+    assert any(not torch.equal(straight[n], AutoModelForCausalLM.from_pretrained(tiny_dir).state_dict()[n])
+               for n in straight), "the run must have updated the weights"
 
 
 # --------------------------------------------------------------------------- the command line
@@ -897,7 +1216,8 @@ def test_bad_input_is_one_line_and_exit_2(case, tiny_dir, tmp_path):
             "algo": lambda: ["--algo", "ppo"],
             "model": lambda: ["--task", "arith", "--model", str(tmp_path / "no-such-model")],
             "unreadable": lambda: ["--data-dir", str(gsm8k_data_dir(tmp_path / "d", ["{not json"]))],
-            "no_fields": lambda: ["--data-dir", str(gsm8k_data_dir(tmp_path / "d", ['{"q": 1}', '{"x": 2}']))],
+            "no_fields": lambda: ["--data-dir",
+                                  str(gsm8k_data_dir(tmp_path / "d", ['{"q": 1}', '{"x": 2}']))],
             "run_exists": lambda: ["--task", "arith", "--model", str(tiny_dir), "--out", str(HERE)],
             "steps": lambda: ["--task", "arith", "--steps", "0"]}[case]()
     result = run_cli(*args, cwd=tmp_path)
@@ -919,7 +1239,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_goes_on(tiny_dir, tmp_path):
             proc.send_signal(signal.SIGTERM)
             break
     rest = proc.stdout.read()
-    assert proc.wait(timeout=120) == 0, rest
+    assert proc.wait(timeout=120) == rlino.EXIT_PAUSED, rest  # stopped, unfinished
     assert "continue with: python rlino.py --resume" in rest
     stopped_at = rlino.checkpoint_paths(out)[-1]
     step = int(stopped_at.stem.split("-")[1])
@@ -938,9 +1258,11 @@ def test_run_sh_leaves_the_hub_reachable(tmp_path):
     python.write_text('#!/bin/sh\necho "HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-unset} $*"\n')
     python.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
-    done = subprocess.run([str(HERE / "run.sh"), "demo", "--steps", "1"], env={**env, "VENV": str(tmp_path / "venv")},
+    done = subprocess.run([str(HERE / "run.sh"), "demo", "--steps", "1"],
+                          env={**env, "VENV": str(tmp_path / "venv")},
                           capture_output=True, text=True, timeout=60)
-    assert done.stdout.strip() == "HF_HUB_OFFLINE=unset rlino.py --algo grpo --task gsm8k --steps 1", done.stderr
+    assert (done.stdout.strip()
+            == "HF_HUB_OFFLINE=unset rlino.py --algo grpo --task gsm8k --steps 1"), done.stderr
 
 
 def test_gsm8k_comes_from_the_hub_without_a_data_folder(tiny_dir, tmp_path, monkeypatch):
@@ -1008,14 +1330,15 @@ def test_two_processes_equal_one_process(tiny_dir, tmp_path, loss_agg, algorithm
     """DDP over 2 gloo ranks: the same metrics (clip_frac and kl included) and parameters as one process."""
     launcher = tmp_path / "launch.py"
     launcher.write_text(LAUNCHER.format(here=str(HERE)))
+    # even eval counts keep the rewards aligned
     args = [*TINY_RUN, "--model", str(tiny_dir), "--prompts-per-step", "4", "--sample-batch", "2", *algorithm,
-            "--loss-agg", loss_agg, "--eval-size", "4", "--lr", "1e-3"]  # even eval counts keep the rewards aligned
+            "--loss-agg", loss_agg, "--eval-size", "4", "--lr", "1e-3"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, str(launcher), *args, "--out", str(tmp_path / "one")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(launcher), *args, "--out", str(tmp_path / "two")],
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", "2", str(launcher), *args, "--out", str(tmp_path / "two")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     print(two.stdout)
@@ -1033,14 +1356,16 @@ def test_two_processes_equal_one_process(tiny_dir, tmp_path, loss_agg, algorithm
     p1 = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "model").state_dict()
     p2 = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "model").state_dict()
     for name in p1:
-        # atol: 5 % of one Adam step (lr 1e-3); g / sqrt(v) magnifies the rounding of near-zero gradient entries
+        # atol: 5 % of one Adam step (lr 1e-3);
+        # g / sqrt(v) magnifies the rounding of near-zero gradient entries
         torch.testing.assert_close(p1[name], p2[name], atol=5e-5, rtol=1e-4, msg=name)
 
 
 # --------------------------------------------------------------------------- tasks: verifiers and data
 DATA_DIR = os.environ.get("RLINO_DATA_DIR")
-needs_data = pytest.mark.skipif(not (DATA_DIR and os.path.isdir(DATA_DIR)),
-                                reason="set RLINO_DATA_DIR to the data directory (e.g. ../shared/data) to run this")
+needs_data = pytest.mark.skipif(
+    not (DATA_DIR and os.path.isdir(DATA_DIR)),
+    reason="set RLINO_DATA_DIR to the data directory (e.g. ../shared/data) to run this")
 
 GSM8K = {"question": "How much?", "answer": "She makes 9 * 2 = <<9*2=18>>18.\n#### 18"}
 GSM8K_BIG = {"question": "How much?", "answer": "... #### 1,000"}
@@ -1058,7 +1383,7 @@ def timed_reward(task_name, completion, example, **kwargs):
     return score
 
 
-# ----------------------------------------------------------------------------------------------- verifier tables
+# -------------------------------------------------------------------------------------------- verifier tables
 @pytest.mark.parametrize("completion, example, expected", [
     ("so she makes \\boxed{18} dollars.", GSM8K, 1.0),
     ("\\boxed{18.00}", GSM8K, 1.0),
@@ -1091,8 +1416,8 @@ def test_gsm8k_reward(completion, example, expected):
     ("\\frac{1}{2}", 1.0), ("\\dfrac{1}{2}", 1.0), ("\\tfrac12", 1.0), ("\\frac12", 1.0), ("\\frac 12", 1.0),
     ("0.5", 1.0), (".5", 1.0), ("1/2", 1.0), ("x = \\frac{1}{2}", 1.0), ("\\left(\\frac{1}{2}\\right)", 1.0),
     ("\\frac{2}{4}", 1.0), ("\\frac{\\sqrt{2}}{\\sqrt{8}}", 1.0),
-    ("2", 0.0), ("-\\frac{1}{2}", 0.0), ("0.50001", 0.0), ("\\frac{1}{3}", 0.0), ("\\frac{1}{0}", 0.0), ("", 0.0),
-    ("\\text{one half}", 0.0), ("\\frac{1}{2", 0.0),
+    ("2", 0.0), ("-\\frac{1}{2}", 0.0), ("0.50001", 0.0), ("\\frac{1}{3}", 0.0), ("\\frac{1}{0}", 0.0),
+    ("", 0.0), ("\\text{one half}", 0.0), ("\\frac{1}{2", 0.0),
 ])
 def test_math_reward_fraction(given, expected):
     assert timed_reward("math", f"Thus the answer is $\\boxed{{{given}}}$.", MATH) == expected
@@ -1105,19 +1430,24 @@ def test_math_reward_fraction(given, expected):
     ("(3,4)", "(3,4]", False),
     ("90", "90^\\circ", True), ("90^{\\circ}", "90", True), ("50\\%", "50", True), ("18.9", "\\$18.90", True),
     ("10080", "10,\\!080", True), ("11111111100", "11,\\! 111,\\! 111,\\! 100", True),
-    ("15", "15\\mbox{ cm}^2", True), ("5.4", "5.4 \\text{ cents}", True), ("\\frac{270}{7}", "\\frac{270}7\\text{ degrees}", True),
+    ("15", "15\\mbox{ cm}^2", True), ("5.4", "5.4 \\text{ cents}", True),
+    ("\\frac{270}{7}", "\\frac{270}7\\text{ degrees}", True),
     ("\\text{(B)}", "\\text{(B)}", True), ("B", "\\text{(B)}", True), ("(C)", "\\text{(B)}", False),
     ("\\text{Evelyn}", "\\text{Evelyn}", True), ("Evelyn", "\\text{Navin}", False),
     ("x = 5", "5", True), ("y=2x+3", "y = 2x + 3", True), ("[-2,7]", "x \\in [-2,7]", True),
-    ("\\sqrt{20}", "2\\sqrt{5}", True), ("2\\sqrt{6}", "2\\sqrt{5}", False), ("11\\sqrt{2}", "11\\sqrt2", True),
-    ("-q + p", "p - q", True), ("(b+2)(a+5)", "(a+5)(b+2)", True), ("2(k+1)", "2k+2", True), ("2k+1", "2k+2", False),
+    ("\\sqrt{20}", "2\\sqrt{5}", True), ("2\\sqrt{6}", "2\\sqrt{5}", False),
+    ("11\\sqrt{2}", "11\\sqrt2", True),
+    ("-q + p", "p - q", True), ("(b+2)(a+5)", "(a+5)(b+2)", True),
+    ("2(k+1)", "2k+2", True), ("2k+1", "2k+2", False),
     ("(x+1)^2", "x^2+2x+1", True), ("(x+1)^2", "x^2+2x+2", False),
-    ("1-12i", "1 - 12i", True), ("\\sqrt{-4}", "2i", True), ("\\frac{1}{\\sqrt{3}}", "\\frac{\\sqrt{3}}{3}", True),
+    ("1-12i", "1 - 12i", True), ("\\sqrt{-4}", "2i", True),
+    ("\\frac{1}{\\sqrt{3}}", "\\frac{\\sqrt{3}}{3}", True),
     ("6.72\\times10^{-5}", ".0000672", True), ("0.333333", "\\frac{1}{3}", False), ("3.14159", "\\pi", False),
     ("3, 5, 7", "3, 5, 7", True), ("7, 5, 3", "3, 5, 7", False), ("(-\\infty, 0]", "(-\\infty, 0]", True),
     ("\\begin{pmatrix} -1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix}-1\\\\2\\end{pmatrix}", True),
     ("4210_{5}", "4210_5", True), ("4211_5", "4210_5", False),
-    ("\\sqrt{2}\\sqrt{3}-\\sqrt{6}", "0", True), ("10^{-30}", "0", False), ("2^{90}", "1237940039285380274899124224", True),
+    ("\\sqrt{2}\\sqrt{3}-\\sqrt{6}", "0", True), ("10^{-30}", "0", False),
+    ("2^{90}", "1237940039285380274899124224", True),
 ])
 def test_math_equal(given, gold, expected):
     assert timed_reward("math", f"\\boxed{{{given}}}", {"answer": gold}) == float(expected)
@@ -1161,7 +1491,8 @@ def test_countdown_reward(completion, expected):
 
 
 def test_countdown_division():
-    assert timed_reward("countdown", "<answer>(8 / 3) * 3 + 1</answer>", {"nums": [8, 3, 3, 1], "target": 9}) == 1.0
+    assert timed_reward("countdown", "<answer>(8 / 3) * 3 + 1</answer>",
+                        {"nums": [8, 3, 3, 1], "target": 9}) == 1.0
     assert timed_reward("countdown", "<answer>(1 + 2) / 3</answer>", {"nums": [1, 2, 3], "target": 1}) == 1.0
 
 
@@ -1176,19 +1507,26 @@ def test_format_reward():
 
 
 ADVERSARIAL = [
-    "a" * 100_000, "1" * 100_000, "{" * 100_000, "\\boxed{" * 10_000, "<answer>" * 12_500, "</answer>" * 10_000,
-    "\\boxed{" + "(" * 10_000 + "1" + ")" * 10_000 + "}", "\\boxed{" + "{" * 10_000 + "1" + "}" * 10_000 + "}",
-    "<answer>" + "(" * 10_000 + "79+17-60" + ")" * 10_000 + "</answer>", "<answer>" + "-" * 251 + "(79+17-60)</answer>",
+    "a" * 100_000, "1" * 100_000, "{" * 100_000,
+    "\\boxed{" * 10_000, "<answer>" * 12_500, "</answer>" * 10_000,
+    "\\boxed{" + "(" * 10_000 + "1" + ")" * 10_000 + "}",
+    "\\boxed{" + "{" * 10_000 + "1" + "}" * 10_000 + "}",
+    "<answer>" + "(" * 10_000 + "79+17-60" + ")" * 10_000 + "</answer>",
+    "<answer>" + "-" * 251 + "(79+17-60)</answer>",
     "\\boxed{١٢}", "<answer>١٢</answer>", "\\boxed{", "<answer> 79+17-60", "<answer>9**9**9</answer>",
     "<answer>__import__('os').system('ls')</answer>", "\\boxed{__import__('os')}", "\\boxed{10^{10^{10}}}",
-    "\\boxed{(10^{30})^{100}}", "\\boxed{((10^{30})^{100})^{100}}", "\\boxed{2^{2^{2^{2^{2}}}}}", "\\boxed{99^{99}^{99}}",
-    "\\boxed{\\sqrt{99^{100}+1}}", "\\boxed{\\sqrt[10^{10}]{2}}", "\\boxed{\\frac{1}{0}}", "\\boxed{" + "(x+1)^{100}" * 8 + "}",
+    "\\boxed{(10^{30})^{100}}", "\\boxed{((10^{30})^{100})^{100}}",
+    "\\boxed{2^{2^{2^{2^{2}}}}}", "\\boxed{99^{99}^{99}}",
+    "\\boxed{\\sqrt{99^{100}+1}}", "\\boxed{\\sqrt[10^{10}]{2}}",
+    "\\boxed{\\frac{1}{0}}", "\\boxed{" + "(x+1)^{100}" * 8 + "}",
     "\\boxed{" + "\\sqrt{" * 40 + "2" + "}" * 40 + "}", "\\boxed{" + "9^{" * 30 + "9" + "}" * 30 + "}",
-    "\\boxed{(\\sqrt{2}+1)^{100}-(\\sqrt{2}-1)^{-100}}", "\\boxed{" + "-" * 90 + "1}", "\\boxed{" + "1/" * 400 + "1}",
+    "\\boxed{(\\sqrt{2}+1)^{100}-(\\sqrt{2}-1)^{-100}}",
+    "\\boxed{" + "-" * 90 + "1}", "\\boxed{" + "1/" * 400 + "1}",
     "\\boxed{" + "\\text{ a}" * 5_000 + "}", "\\boxed{" + "a " * 49_000 + "}", "\\boxed " + "1" * 100_000,
     "The answer is " + "9" * 5_000, "#### " + "1," * 50_000, "\\fbox{" + "(" * 300 + ")" * 300 + "}",
     "<answer>" + "99*" * 60 + "1</answer>", "<answer>1/(1-1)</answer>", "\x00\ud800\uffff" * 1000,
-    "\\boxed{\\sqrt{(((y)^{7})^{99}+\\frac{i}{y}\\cdot \\sqrt[9]{x})^{33}}}",  # sympy took 79 s to build this one
+    # sympy took 79 s to build this one
+    "\\boxed{\\sqrt{(((y)^{7})^{99}+\\frac{i}{y}\\cdot \\sqrt[9]{x})^{33}}}",
     "\\boxed{" + "x^{" * 19 + "x" + "}" * 19 + "}", "\\boxed{" + "(10^{999})^{999}" * 6 + "}",
 ]
 
@@ -1231,7 +1569,8 @@ def test_no_eval_exec_compile_in_source():
 
 
 def test_no_code_path_turns_model_text_into_code(monkeypatch):
-    """Run every verifier with eval / exec / compile booby-trapped: only ast.parse's parse-only compile may run."""
+    """Run every verifier with eval / exec / compile booby-trapped:
+    only ast.parse's parse-only compile may run."""
     import ast
     import builtins
     real_compile = builtins.compile
@@ -1253,16 +1592,19 @@ def test_no_code_path_turns_model_text_into_code(monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------- fuzzing
-FRAGMENTS = ["\\boxed{", "\\fbox{", "}", "{", "<answer>", "</answer>", "<think>", "####", "The answer is", "(", ")",
-             "\\frac", "\\sqrt", "^", "_", "-", "+", "*", "/", "**", "=", ",", ".", "$", "%", "\\left(", "\\right)",
-             "\\text{", "\\pi", "x", "i", "e", " ", "\n", "١٢", "٣", "²", "½", "∞", "9" * 40, "1e308", "nan", "inf",
-             "__import__('os')", "lambda: 0", "\\dfrac{", "\\infty", "10^{10^{10}}"]
+FRAGMENTS = ["\\boxed{", "\\fbox{", "}", "{", "<answer>", "</answer>", "<think>", "####", "The answer is",
+             "(", ")", "\\frac", "\\sqrt", "^", "_", "-", "+", "*", "/", "**", "=", ",", ".", "$", "%",
+             "\\left(", "\\right)", "\\text{", "\\pi", "x", "i", "e", " ", "\n", "١٢", "٣", "²", "½", "∞",
+             "9" * 40, "1e308", "nan", "inf", "__import__('os')", "lambda: 0", "\\dfrac{", "\\infty",
+             "10^{10^{10}}"]
 fuzz_text = st.one_of(
     st.text(max_size=300),                                                   # random unicode
     st.lists(st.sampled_from(FRAGMENTS), max_size=80).map("".join),          # near-miss formats
     st.tuples(st.sampled_from(FRAGMENTS), st.integers(1, 20_000)).map(lambda t: t[0] * t[1]),  # deep nesting
-    st.integers(-10**60, 10**60).map(lambda n: f"\\boxed{{{n}}} <answer>{n}</answer> #### {n}"),  # huge numbers
-    st.builds(lambda a, b: a + "x" * 100_000 + b, st.sampled_from(FRAGMENTS), st.sampled_from(FRAGMENTS)),  # 100 kB
+    # huge numbers
+    st.integers(-10**60, 10**60).map(lambda n: f"\\boxed{{{n}}} <answer>{n}</answer> #### {n}"),
+    # 100 kB
+    st.builds(lambda a, b: a + "x" * 100_000 + b, st.sampled_from(FRAGMENTS), st.sampled_from(FRAGMENTS)),
 )
 FUZZ_STATS = {"examples": 0, "slowest": 0.0}
 
@@ -1319,7 +1661,8 @@ def test_math500_gold_answers_score_one():
 
 @needs_data
 def test_math500_gold_answers_rewritten_still_score_one():
-    # The same answers written differently: \dfrac, no spaces, no \left/\right, a leading "x = " is not needed.
+    # The same answers written differently: \dfrac, no spaces, no \left/\right,
+    # a leading "x = " is not needed.
     task = get_task("math")
     failures = []
     for ex in task.load("test", DATA_DIR):
@@ -1332,7 +1675,8 @@ def test_math500_gold_answers_rewritten_still_score_one():
 @needs_data
 def test_math500_other_gold_answers_score_zero():
     answers = [ex["answer"] for ex in get_task("math").load("test", DATA_DIR)]
-    accepted = [(a, b) for i, a in enumerate(answers) for b in answers[i + 1:i + 6] if a != b and math_equal(a, b)]
+    accepted = [(a, b) for i, a in enumerate(answers) for b in answers[i + 1:i + 6]
+                if a != b and math_equal(a, b)]
     assert accepted == [("5", "x=5")]  # the only pair in reach that really is the same answer
 
 
@@ -1386,7 +1730,8 @@ def test_solve_countdown():
 def test_arith_reason_asks_for_reasoning_on_arith_problems():
     """arith-reason: arith's problems and splits, with GSM8K's step-by-step and \\boxed{} instruction."""
     reason, arith = get_task("arith-reason"), get_task("arith")
-    assert reason.load("test") == arith.load("test") and reason.load("train", seed=3) == arith.load("train", seed=3)
+    assert (reason.load("test") == arith.load("test")
+            and reason.load("train", seed=3) == arith.load("train", seed=3))
     example = reason.load("test")[0]
     assert reason.prompt_messages(example)[0]["content"].endswith("final answer within \\boxed{}.")
     assert reason.reward(f"... so \\boxed{{{example['answer']}}}.", example) == 1.0
@@ -1397,7 +1742,8 @@ def test_arith_is_synthetic_seeded_and_disjoint():
     test, train = task.load("test"), task.load("train")
     assert len(test) == 200 and len(train) == 2 * 20 * 20 - 200
     assert not {p["question"] for p in test} & {p["question"] for p in train}
-    assert task.load("train", seed=5, limit=50) == task.load("train", seed=5, limit=50) != task.load("train", limit=50)
+    assert (task.load("train", seed=5, limit=50) == task.load("train", seed=5, limit=50)
+            != task.load("train", limit=50))
     for p in test[:50]:
         a, op, b = re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?", p["question"]).groups()
         assert int(p["answer"]) == (int(a) + int(b) if op == "+" else int(a) - int(b))
@@ -1412,10 +1758,108 @@ def write_jsonl(path, rows):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
 
 
+GOOD = {"gsm8k": {"question": "q", "answer": "#### 1"}, "math": {"problem": "p", "answer": "1"},
+        "countdown": COUNTDOWN}
+
+
+def load_one_good_one_bad(tmp_path, capsys, task, bad):
+    """Load a test split of one good record and `bad`: the good one is kept, the bad one counted on stderr."""
+    write_jsonl(tmp_path / task / "test.jsonl", [GOOD[task], bad])
+    assert get_task(task).load("test", str(tmp_path)) == [GOOD[task]]
+    assert "skipped 1 of 2 records with missing or bad fields" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line", [
+    "[" * 100_000 + "]" * 100_000,                                # nested past the recursion limit
+    '{"a": ' * 100_000 + "1" + "}" * 100_000,
+    "[" * 100_000,                                                # ... and never closed
+    '{"question": "q", "answer": ' + "9" * 5_000 + "}",           # past Python's 4,300-digit int limit
+    '{"question": "q", "answer": "#### 1"',                       # not JSON
+])
+def test_load_skips_lines_that_do_not_parse(tmp_path, capsys, line):
+    """A line json.loads refuses (too deep, huge integer, broken) is a skipped record, no traceback."""
+    load_one_good_one_bad(tmp_path, capsys, "gsm8k", line)
+
+
+@pytest.mark.parametrize("task, bad", [
+    ("gsm8k", {"question": "x" * 10_000_000, "answer": "#### 1"}),     # a 10 MB question
+    ("gsm8k", {"question": "q", "answer": "#### 1" + " " * tasks.MAX_TEXT_CHARS}),
+    ("gsm8k", {"question": ["q"], "answer": "#### 1"}),
+    ("gsm8k", {"question": "q", "answer": 1}),
+    ("gsm8k", '{"question": "q \\ud800", "answer": "#### 1"}'),        # a lone surrogate: no UTF-8 form
+    ("math", {"problem": "p" * (tasks.MAX_TEXT_CHARS + 1), "answer": "1"}),
+    ("math", {"problem": "p", "answer": None}),
+    ("math", {"problem": {"text": "p"}, "answer": "1"}),
+])
+def test_load_skips_text_fields_of_bad_type_or_size(tmp_path, capsys, task, bad):
+    """Text fields must be strings of at most MAX_TEXT_CHARS characters that the tokenizer can encode."""
+    load_one_good_one_bad(tmp_path, capsys, task, bad)
+
+
+def test_load_keeps_text_of_the_maximum_length(tmp_path):
+    """MAX_TEXT_CHARS itself is allowed."""
+    record = {"problem": "p" * tasks.MAX_TEXT_CHARS, "answer": "1"}
+    write_jsonl(tmp_path / "math" / "test.jsonl", [record])
+    assert get_task("math").load("test", str(tmp_path)) == [record]
+
+
+@pytest.mark.parametrize("bad", [
+    {"target": 36, "nums": [[79], 17, 60]},                         # a list inside
+    {"target": 36, "nums": [79, "17", 60.0]},                       # mixed types
+    {"target": 36, "nums": ["79", "17", "60"]},                     # strings: every right answer scored 0
+    {"target": 36, "nums": [True, 17, 60]},                         # bools are no numbers here
+    {"target": 36, "nums": []},
+    {"target": 36, "nums": [-79, 17, 60]},
+    {"target": 36, "nums": [0, 17, 60]},
+    {"target": 36, "nums": [tasks.MAX_COUNTDOWN_NUM + 1, 17, 60]},
+    {"target": 36, "nums": [1] * (tasks.MAX_COUNTDOWN_NUMS + 1)},
+    {"target": 36, "nums": "79 17 60"},
+    {"target": 36},
+    {"target": "36", "nums": [79, 17, 60]},
+    {"target": 36.0, "nums": [79, 17, 60]},
+    {"target": True, "nums": [79, 17, 60]},
+    {"target": None, "nums": [79, 17, 60]},
+    {"target": tasks.MAX_COUNTDOWN_TARGET + 1, "nums": [79, 17, 60]},
+])
+def test_load_skips_countdown_records_of_bad_type_or_size(tmp_path, capsys, bad):
+    """nums: 1 to MAX_COUNTDOWN_NUMS ints (no bools) in 1..MAX_COUNTDOWN_NUM; target: an int within bounds."""
+    load_one_good_one_bad(tmp_path, capsys, "countdown", bad)
+
+
+def test_load_keeps_countdown_records_at_the_bounds(tmp_path):
+    """The largest problem allowed loads and is scored."""
+    record = {"target": -tasks.MAX_COUNTDOWN_TARGET,
+              "nums": [tasks.MAX_COUNTDOWN_NUM] * tasks.MAX_COUNTDOWN_NUMS}
+    write_jsonl(tmp_path / "countdown" / "test.jsonl", [record, {"target": 5, "nums": [5]}])
+    rows = get_task("countdown").load("test", str(tmp_path))
+    assert rows == [record, {"target": 5, "nums": [5]}]
+    assert get_task("countdown").reward("<answer>5</answer>", rows[1]) == 1.0
+
+
+def test_load_all_records_of_bad_type_is_one_line_error(tmp_path):
+    """Only bad records (here nums as strings) is the usual one-line DataError."""
+    write_jsonl(tmp_path / "countdown" / "test.jsonl", [{"target": 36, "nums": ["79", "17", "60"]}])
+    with pytest.raises(DataError, match="none of the 1 records has valid fields nums, target") as err:
+        get_task("countdown").load("test", str(tmp_path))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("task, bad", [
+    ("gsm8k", {"question": "x" * 10_000_000, "answer": "#### 1"}),
+    ("countdown", {"target": 36, "nums": ["79", "17", "60"]}),
+])
+def test_hub_records_are_validated_too(monkeypatch, capsys, task, bad):
+    """Rows from the hub go through the same checks as local files."""
+    monkeypatch.delenv("RLINO_DATA_DIR", raising=False)
+    monkeypatch.setattr(tasks, "hub_rows", lambda path, config, split: [GOOD[task], bad])
+    assert get_task(task).load("test") == [GOOD[task]]
+    assert "skipped 1 of 2 records with missing or bad fields" in capsys.readouterr().err
+
+
 def test_load_local_skips_bad_records(tmp_path, capsys):
     write_jsonl(tmp_path / "gsm8k" / "train.jsonl",
-                [{"question": "q1", "answer": "#### 1"}, {"question": "q2"}, "not json", {"question": "q3", "answer": 3},
-                 {"question": "q4", "answer": "#### 4"}])
+                [{"question": "q1", "answer": "#### 1"}, {"question": "q2"}, "not json",
+                 {"question": "q3", "answer": 3}, {"question": "q4", "answer": "#### 4"}])
     rows = get_task("gsm8k").load("train", str(tmp_path))
     assert [r["question"] for r in rows] == ["q1", "q4"]
     assert "skipped 3 of 5" in capsys.readouterr().err
@@ -1447,7 +1891,8 @@ def test_missing_local_file_names_both_ways(tmp_path):
     with pytest.raises(DataError) as error:
         get_task("gsm8k").load("test", str(tmp_path / "nowhere"))
     message = str(error.value)
-    assert "\n" not in message and "--data-dir" in message and "RLINO_DATA_DIR" in message and "hub" in message
+    assert ("\n" not in message and "--data-dir" in message and "RLINO_DATA_DIR" in message
+            and "hub" in message)
 
 
 def test_bad_split_and_unknown_task():
@@ -1462,8 +1907,8 @@ def test_hub_offline_without_data_dir_is_a_data_error(tmp_path):
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path))
     script = ("import tasks, time\nt = time.time()\ntry:\n    tasks.get_task('gsm8k').load('test')\n"
               "except tasks.DataError as e:\n    print('DataError', time.time() - t, e)\n")
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
-                          cwd=os.path.dirname(tasks.__file__))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=os.path.dirname(tasks.__file__))
     assert done.stdout.startswith("DataError"), done.stdout + done.stderr
     seconds, message = done.stdout.split(" ", 2)[1:]
     assert float(seconds) < 30 and "--data-dir" in message and "hub" in message
@@ -1485,4 +1930,5 @@ def test_prompts():
     for name, example, field in (("gsm8k", GSM8K, "question"), ("math", MATH, "problem")):
         content = get_task(name).prompt_messages(example)[-1]["content"]
         assert content.startswith(example[field]) and content.endswith("final answer within \\boxed{}.")
-        assert get_task(name).prompt_text(example).rstrip().endswith("Assistant: Let me solve this step by step.")
+        assert get_task(name).prompt_text(example).rstrip().endswith(
+            "Assistant: Let me solve this step by step.")
