@@ -1594,8 +1594,8 @@ def test_no_code_path_turns_model_text_into_code(monkeypatch):
 # --------------------------------------------------------------------------------------------- fuzzing
 FRAGMENTS = ["\\boxed{", "\\fbox{", "}", "{", "<answer>", "</answer>", "<think>", "####", "The answer is",
              "(", ")", "\\frac", "\\sqrt", "^", "_", "-", "+", "*", "/", "**", "=", ",", ".", "$", "%",
-             "\\left(", "\\right)", "\\text{", "\\pi", "x", "i", "e", " ", "\n", "١٢", "٣", "²", "½", "∞",
-             "9" * 40, "1e308", "nan", "inf", "__import__('os')", "lambda: 0", "\\dfrac{", "\\infty",
+             "\\left(", "\\right)", "\\text{", "\\pi", "x", "i", "e", " ", "\n", "١٢", "٣", "²", "½",
+             "∞", "9" * 40, "1e308", "nan", "inf", "__import__('os')", "lambda: 0", "\\dfrac{", "\\infty",
              "10^{10^{10}}"]
 fuzz_text = st.one_of(
     st.text(max_size=300),                                                   # random unicode
