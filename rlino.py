@@ -1328,6 +1328,12 @@ def pause_run(run: Run, step: int) -> None:
         run.wandb.finish()
 
 
+def first_and_last(steps: list[dict], key: str) -> list:
+    """The first and the last non-null value of `key` over the steps' metrics lines ([None, None] if none)."""
+    values = [r[key] for r in steps if r.get(key) is not None]
+    return [values[0], values[-1]] if values else [None, None]
+
+
 def run_summary(rows: list[dict], cfg: Config) -> tuple[dict, list[str]]:
     """What a finished run tells, from its metrics lines: eval accuracy start -> end, the share of groups that
     carried any signal (rewards not all equal), and the mean length of correct and incorrect completions at
@@ -1336,15 +1342,12 @@ def run_summary(rows: list[dict], cfg: Config) -> tuple[dict, list[str]]:
     evals = [r for r in rows if r.get("eval_accuracy") is not None]
     steps = [r for r in rows if "reward_mean" in r]
 
-    def first_last(key: str) -> list:
-        values = [r[key] for r in steps if r.get(key) is not None]
-        return [values[0], values[-1]] if values else [None, None]
-
     summary = {"eval_accuracy": [evals[0]["eval_accuracy"], evals[-1]["eval_accuracy"]],
                "eval_steps": [evals[0]["step"], evals[-1]["step"]], "eval_n": evals[-1]["eval_n"],
                "groups": len(steps) * cfg.prompts_per_step,
                "signal_share": float(np.mean([1 - r["zero_std_frac"] for r in steps])),
-               "len_correct": first_last("len_correct"), "len_incorrect": first_last("len_incorrect")}
+               "len_correct": first_and_last(steps, "len_correct"),
+               "len_incorrect": first_and_last(steps, "len_incorrect")}
 
     def tokens(pair: list) -> str:
         return " -> ".join("-" if v is None else f"{v:.0f}" for v in pair)
@@ -1577,15 +1580,11 @@ def run_record(run: str, rows: list[dict]) -> dict:
     if not evals or not steps:
         raise UsageError(f"{run}: no evaluation or no training step logged yet")
 
-    def first_last(key: str) -> tuple:
-        values = [r[key] for r in steps if r.get(key) is not None]
-        return (values[0], values[-1]) if values else (None, None)
-
     return {"start": evals[0]["eval_accuracy"], "end": evals[-1]["eval_accuracy"],
             "gain": evals[-1]["eval_accuracy"] - evals[0]["eval_accuracy"], "eval_n": evals[-1]["eval_n"],
             "slope_wrong": slope([(r["step"], r["len_incorrect"]) for r in steps
                                   if r.get("len_incorrect") is not None]),
-            "wrong": first_last("len_incorrect"), "right": first_last("len_correct"),
+            "wrong": first_and_last(steps, "len_incorrect"), "right": first_and_last(steps, "len_correct"),
             "truncated": float(np.mean([r["truncated_frac"] for r in steps])),
             "signal": float(np.mean([1 - r["zero_std_frac"] for r in steps]))}
 
