@@ -95,7 +95,9 @@ class Config:
     out: str | None = arg(None, "run folder (default runs/<task>-<algo>-<time>); with --plot, the PNG path")
     seed: int = arg(0, "seed for the prompt order, sampling and initialisation")
     device: str = arg("auto", "cuda, cpu, or auto (cuda when available)")
-    dtype: str = arg("auto", "auto = bf16 autocast on CUDA, fp32 on CPU", ("auto", "float32", "bfloat16"))
+    dtype: str = arg("auto", "training and evaluation under bf16 autocast (fp32 master weights) or in fp32 "
+                     "(auto: bf16 on CUDA and on CPUs with AVX512-BF16, where bf16 matmuls are native)",
+                     ("auto", "float32", "bfloat16"))
     sampler_dtype: str = arg("auto", "weights the training rollouts are sampled from: a bfloat16 copy of the "
                              "policy, or the policy itself (auto: bfloat16 on CUDA and on CPUs with "
                              "AVX512-BF16)",
@@ -191,6 +193,11 @@ def fail(message: str):
     sys.exit(2)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """bf16 matmuls in hardware: CUDA, and CPUs with AVX512-BF16 (elsewhere bf16 is ~25x slower than fp32)."""
+    return device.type == "cuda" or (device.type == "cpu" and torch.cpu._is_avx512_bf16_supported())
+
+
 def resolve_config(cfg: Config, device: torch.device) -> Config:
     """Fill the unset fields from the device preset, then check the values against each other."""
     preset = PRESETS["cuda" if device.type == "cuda" else "cpu"]
@@ -198,9 +205,9 @@ def resolve_config(cfg: Config, device: torch.device) -> Config:
     cfg = Config(**values)
     if cfg.clip_eps_high is None:
         cfg.clip_eps_high = cfg.clip_eps
-    if cfg.sampler_dtype == "auto":
-        fast_bf16 = device.type == "cuda" or (device.type == "cpu" and torch.cpu._is_avx512_bf16_supported())
-        cfg.sampler_dtype = "bfloat16" if fast_bf16 else "float32"
+    for name in ("dtype", "sampler_dtype"):
+        if getattr(cfg, name) == "auto":
+            setattr(cfg, name, "bfloat16" if native_bf16(device) else "float32")
     ranges = [(name, lambda v: v >= 1, "at least 1") for name in (
         "steps", "prompts_per_step", "group_size", "sample_batch", "max_new_tokens", "micro_batch",
         "ppo_epochs", "eval_batch", "keep_checkpoints", "max_nonfinite")]
@@ -335,12 +342,8 @@ def stop_token_ids(tokenizer, model) -> list[int]:
 
 
 def autocast(device: torch.device, cfg: Config):
-    """bf16 autocast on CUDA (fp32 master weights); on CPU only when asked: without AVX512-BF16 it is slow."""
-    if device.type == "cuda" and cfg.dtype in ("auto", "bfloat16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if device.type == "cpu" and cfg.dtype == "bfloat16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return NO_AMP
+    """bf16 autocast (fp32 master weights, fp32 optimizer) where the resolved --dtype says bfloat16."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else NO_AMP
 
 
 def halving_on_oom(cfg: Config, name: str, work):

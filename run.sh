@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# rlino's commands:  ./run.sh setup | test | demo | length | accuracy | paper ROW | bench | gpu-check
+# rlino's commands:  ./run.sh setup | test | demo | length | accuracy | paper ROW | paper-length ROW | bench | gpu-check
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${VENV:-.venv}
@@ -41,8 +41,10 @@ case "${1:-}" in
     done
     "$VENV/bin/python" rlino.py --table "${runs[@]}" | tee "$out/$1.md"
     "$VENV/bin/python" rlino.py --plot "${runs[@]}" --out "$out/$1.png" ;;
-  paper)  # one row of the paper's table (GPU, the cuda preset = the paper's settings), e.g. ./run.sh paper qwen05-gsm8k
-          # runs GRPO, F-ISFT+ and F-ISFT+- one after the other into ${PAPER_DIR:-runs/paper}/<row>-<algo>, then the table
+  paper|paper-length)  # on a GPU, the cuda preset (= the paper's settings); ROW is a row of the paper's table:
+    # paper ROW: GRPO, F-ISFT+ and F-ISFT+- one after the other into ${PAPER_DIR:-runs/paper}/<row>-<algo>;
+    # paper-length ROW: the length experiment at the paper's scale, GRPO with --loss-agg seq, token, const on
+    # seeds ${SEEDS:-0 1 2}, into ${PAPER_DIR:-runs/paper}/<row>-grpo-<agg>-s<seed> (finished runs are kept)
     declare -A rows=(  # model, task, prompt format (the paper trained Qwen2.5 base models and Llama-3.2 instruct)
       [qwen05-gsm8k]="Qwen/Qwen2.5-0.5B gsm8k plain"         [qwen15-gsm8k]="Qwen/Qwen2.5-1.5B gsm8k plain"
       [qwen05-countdown]="Qwen/Qwen2.5-0.5B countdown plain" [qwen15-countdown]="Qwen/Qwen2.5-1.5B countdown plain"
@@ -51,16 +53,29 @@ case "${1:-}" in
       [qwen05-math]="Qwen/Qwen2.5-0.5B math plain"           [qwen15-math]="Qwen/Qwen2.5-1.5B math plain")
     row=${2:-}
     if [ -z "$row" ] || [ -z "${rows[$row]:-}" ]; then
-      echo "usage: ./run.sh paper ROW [extra arguments]; ROW is one of: ${!rows[*]}"; exit 2
+      echo "usage: ./run.sh $1 ROW [extra arguments]; ROW is one of: ${!rows[*]}"; exit 2
     fi
     read -r model task format <<< "${rows[$row]}"
     root=${PAPER_DIR:-runs/paper}
+    common=(--model "$model" --task "$task" --prompt-format "$format" "${@:3}")
     dirs=()
-    for algo in grpo fisft+ fisft+-; do
-      dirs+=("$root/$row-$algo")
-      "$VENV/bin/python" rlino.py --model "$model" --task "$task" --prompt-format "$format" --algo "$algo" \
-        --out "$root/$row-$algo" "${@:3}"
-    done
+    if [ "$1" = paper ]; then
+      for algo in grpo fisft+ fisft+-; do
+        dirs+=("$root/$row-$algo")
+        "$VENV/bin/python" rlino.py "${common[@]}" --algo "$algo" --out "$root/$row-$algo"
+      done
+    else
+      for seed in ${SEEDS:-0 1 2}; do
+        for agg in seq token const; do
+          dir="$root/$row-grpo-$agg-s$seed"
+          dirs+=("$dir")
+          [ -f "$dir/eval.json" ] && continue
+          rm -rf "$dir"
+          "$VENV/bin/python" rlino.py "${common[@]}" --algo grpo --loss-agg "$agg" --seed "$seed" --out "$dir"
+        done
+      done
+      "$VENV/bin/python" rlino.py --plot "${dirs[@]}" --out "$root/$row-length.png"
+    fi
     "$VENV/bin/python" rlino.py --table "${dirs[@]}" ;;
   bench)  # rlino against model.generate and TRL's GRPOTrainer (bench/README.md); --quick takes < 10 min on 2 cores
     "$VENV/bin/pip" install -q -r bench/requirements.txt
@@ -69,6 +84,6 @@ case "${1:-}" in
     "$VENV/bin/python" -m pytest -q test_rlino.py -x
     "$VENV/bin/python" bench/gpu_check.py "${@:2}" ;;
   *)
-    echo "usage: ./run.sh setup | test | demo | length | accuracy | paper ROW | bench | gpu-check  [arguments]"
+    echo "usage: ./run.sh setup | test | demo | length | accuracy | paper ROW | paper-length ROW | bench | gpu-check  [arguments]"
     exit 2 ;;
 esac

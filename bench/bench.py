@@ -66,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                   help="as rlino's --dtype: auto = bf16 autocast on CUDA, fp32 on CPU; both trainers and the peak")
+                   help="as rlino's --dtype: auto = bf16 autocast on CUDA and on CPUs with AVX512-BF16, else fp32; "
+                        "both trainers and the peak")
     p.add_argument("--sampler-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="as rlino's --sampler-dtype: the weights rlino samples from (auto: bf16 on CUDA and on CPUs "
                         "with AVX512-BF16)")
@@ -99,8 +100,8 @@ def clock(device: torch.device) -> float:
 
 
 def compute_dtype(args) -> torch.dtype:
-    """The matmul dtype of the run: bf16 under rlino's autocast (CUDA by default, or --dtype bfloat16), else fp32."""
-    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and args.device.type == "cuda")
+    """The matmul dtype of the run: bf16 under rlino's autocast (--dtype bfloat16, or auto where bf16 is native)."""
+    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and rlino.native_bf16(args.device))
     return torch.bfloat16 if bf16 else torch.float32
 
 
@@ -480,11 +481,11 @@ def main(argv=None) -> dict:
         results["sampler"], sampler_rollout = bench_sampler(args, model, tokenizer, prompts, stop_ids, amp, cfg)
     if "mfu" not in args.skip:
         print("c. MFU: rlino.update over a fixed rollout, and the matmul peak ...", flush=True)
-        if sampler_rollout is None:
+        if sampler_rollout is None:  # sampled in fp32: the same rollout for --dtype float32 and bfloat16
             sampler_rollout = rlino.sample(model, prompts, max_new_tokens=size["sampler_tokens"],
                                            stop_ids=stop_ids, group_size=size["group"],
                                            temperature=args.temperature,
-                                           generator=torch.Generator(args.device).manual_seed(args.seed), amp=amp)
+                                           generator=torch.Generator(args.device).manual_seed(args.seed))
         results["mfu"] = bench_mfu(args, model, sampler_rollout, cfg, amp)
     if "grpo" not in args.skip:
         print(f"b. GRPO step: rlino, {size['steps']} steps ...", flush=True)
