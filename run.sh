@@ -21,13 +21,16 @@ case "${1:-}" in
   demo)   # the main job: GRPO on GSM8K with the CPU preset on the embedded model (data: RLINO_DATA_DIR or the hub)
     "$VENV/bin/python" rlino.py --algo grpo --task gsm8k "${@:2}" ;;
   length|accuracy)  # the paper's two claims at CPU scale (README: "Experiments"): finished runs are kept
-    # length: GRPO with --loss-agg seq, token, const; accuracy: GRPO (seq), F-ISFT+ and F-ISFT+-; the GRPO-seq
-    # runs serve both. Seeds: ${SEEDS:-0 1 2}. Runs go to ${CLAIMS_DIR:-runs/claims}/<algo>_<agg>_s<seed>.
+    # length: GRPO with --loss-agg seq, token, const; accuracy: ${ALGOS:-grpo fisft+ fisft+-}, all seq; the
+    # GRPO-seq runs serve both. Seeds: ${SEEDS:-0 1 2}.
+    # Runs go to ${CLAIMS_DIR:-runs/claims}/<algo>_<agg>_s<seed>.
     out=${CLAIMS_DIR:-runs/claims}
     mkdir -p "$out"
     common=(--task arith-reason --model smollm2 "${EXPERIMENT_SETTINGS[@]}" "${@:2}")
     specs=(grpo:seq grpo:token grpo:const)
-    [ "$1" = accuracy ] && specs=(grpo:seq fisft+:seq fisft+-:seq)
+    if [ "$1" = accuracy ]; then
+      specs=(); for algo in ${ALGOS:-grpo fisft+ fisft+-}; do specs+=("$algo:seq"); done
+    fi
     runs=()
     for seed in ${SEEDS:-0 1 2}; do
       for spec in "${specs[@]}"; do
@@ -36,7 +39,7 @@ case "${1:-}" in
         [ -f "$dir/eval.json" ] && continue
         rm -rf "$dir"
         "$VENV/bin/python" rlino.py "${common[@]}" --algo "$algo" --loss-agg "$agg" --seed "$seed" --out "$dir" \
-          2>&1 | grep -E "^(iter|eval|done|summary| {9})"
+          2>&1 | grep -E "^(iter|eval|done|summary|rlino:| {9})"
       done
     done
     "$VENV/bin/python" rlino.py --table "${runs[@]}" | tee "$out/$1.md"
