@@ -983,8 +983,9 @@ def json_safe(record: dict) -> dict:
 def replace_file(path: Path, text: str) -> None:
     """Write `text` to `path` atomically: a temporary file beside it, renamed over it."""
     partial = path.with_name(path.name + ".tmp")
-    partial.write_text(text)
-    partial.replace(path)
+    with stop_on_write_error(path, partial=partial):
+        partial.write_text(text)
+        partial.replace(path)
 
 
 def write_json(path: Path, record: dict) -> None:
@@ -992,8 +993,21 @@ def write_json(path: Path, record: dict) -> None:
 
 
 def append_jsonl(path: Path, record: dict) -> None:
-    with path.open("a") as f:
+    with stop_on_write_error(path), path.open("a") as f:
         f.write(json.dumps(json_safe(record), default=str) + "\n")
+
+
+@contextlib.contextmanager
+def stop_on_write_error(path: Path, *, partial: Path | None = None):
+    """A write error (a full disk) stops the run with one line; a partial file is removed, and a torn log
+    line is cut back by --resume, which continues from the last checkpoint once there is space again."""
+    try:
+        yield
+    except OSError as err:
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+        raise RunStopped(f"cannot write {path} ({err.strerror or err}); free some space, then continue with "
+                         f"--resume {path.parent} (the last checkpoint is intact)") from None
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -1071,6 +1085,14 @@ def read_run(run_dir: str) -> tuple[dict, list[dict]]:
     if missing:
         raise UsageError(f"{run}/config.json lacks {missing[0]!r}")
     return config, read_jsonl(run / "metrics.jsonl")
+
+
+def is_finished(run_dir: Path) -> bool:
+    """Whether the run is finished: its summary.json, the last file finish_run writes, is whole."""
+    try:
+        return isinstance(json.loads((run_dir / "summary.json").read_text()), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def checkpoint_paths(run_dir: Path) -> list[Path]:
@@ -1181,6 +1203,14 @@ def start_wandb(cfg: Config, run_dir: Path):
                       config=dataclasses.asdict(cfg))
 
 
+def close_wandb(run) -> None:
+    """Finish the W&B run and wait until it is written: finish() only asks W&B's service process (wandb-core)
+    to close the run's log file, without waiting for it; teardown() waits for that process to exit."""
+    import wandb
+    run.finish()
+    wandb.teardown()
+
+
 def fitting(task, examples: list[dict], tokenizer, cfg: Config, context: int | None,
             split: str) -> list[dict]:
     """The examples whose prompt plus --max-new-tokens fit in the model's context; the others are skipped with
@@ -1237,8 +1267,7 @@ def start_run(cfg: Config, run_dir: Path, device: torch.device, rank: int, world
     restored = load_checkpoint(run_dir, model, optimizer, scheduler) if cfg.resume else None
     if restored is not None:
         start_step, stream_state, extra = restored
-        finished = (run_dir / "eval.json").exists()
-        if start_step > cfg.steps or (start_step == cfg.steps and finished):
+        if start_step > cfg.steps or (start_step == cfg.steps and is_finished(run_dir)):
             raise UsageError(f"{run_dir} already ran {start_step} steps; pass --steps N (N > {start_step}) "
                              "to go on")
         stream = PromptStream(len(train_set), cfg.seed, **stream_state)
@@ -1328,7 +1357,7 @@ def pause_run(run: Run, step: int) -> None:
     print(f"stopped at step {step} (exit code {EXIT_PAUSED}: unfinished); continue with: python rlino.py "
           f"--resume {run.dir}", flush=True)
     if run.wandb is not None:
-        run.wandb.finish()
+        close_wandb(run.wandb)
 
 
 def first_and_last(steps: list[dict], key: str) -> list:
@@ -1370,7 +1399,7 @@ def run_summary(rows: list[dict], cfg: Config) -> tuple[dict, list[str]]:
 
 def finish_run(run: Run, cfg: Config, step: int, last_eval: dict) -> None:
     """Rank 0: the final model and tokenizer into model/ (written beside it, then renamed), the final
-    evaluation into eval.json (which marks the run finished), and the summary, printed and in summary.json."""
+    evaluation into eval.json, and the summary, printed and in summary.json (which marks the run finished)."""
     partial = run.dir / "model.partial"
     shutil.rmtree(partial, ignore_errors=True)
     run.model.save_pretrained(partial)
@@ -1383,7 +1412,7 @@ def finish_run(run: Run, cfg: Config, step: int, last_eval: dict) -> None:
     print("summary: " + "\n         ".join(lines), flush=True)
     if run.wandb is not None:
         run.wandb.summary.update(json_safe({f"summary/{k}": v for k, v in summary.items()}))
-        run.wandb.finish()
+        close_wandb(run.wandb)
     print(f"done: model saved to {run.dir / 'model'}", flush=True)
 
 

@@ -36,7 +36,7 @@ case "${1:-}" in
       for spec in "${specs[@]}"; do
         algo=${spec%%:*}; agg=${spec##*:}; dir="$out/${algo}_${agg}_s$seed"
         runs+=("$dir")
-        [ -f "$dir/eval.json" ] && continue
+        [ -f "$dir/summary.json" ] && continue
         rm -rf "$dir"
         "$VENV/bin/python" rlino.py "${common[@]}" --algo "$algo" --loss-agg "$agg" --seed "$seed" --out "$dir" \
           2>&1 | grep -E "^(iter|eval|done|summary|rlino:| {9})"
@@ -72,7 +72,7 @@ case "${1:-}" in
         for agg in seq token const; do
           dir="$root/$row-grpo-$agg-s$seed"
           dirs+=("$dir")
-          [ -f "$dir/eval.json" ] && continue
+          [ -f "$dir/summary.json" ] && continue
           rm -rf "$dir"
           "$VENV/bin/python" rlino.py "${common[@]}" --algo grpo --loss-agg "$agg" --seed "$seed" --out "$dir"
         done
