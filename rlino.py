@@ -105,6 +105,10 @@ class Config:
     grad_ckpt: bool = arg(False, "gradient (activation) checkpointing in the update")
     prompt_format: str = arg("auto", "chat template or plain text (auto: chat if the tokenizer has one)",
                              ("auto", "chat", "plain"))
+    stop_text: str = arg("\nUser:", "with plain prompts a completion also ends where this text appears, the "
+                         "start of a new turn, and what follows counts for nothing: by default a newline, then "
+                         "'User:' (in bash: $'\\nUser:'; '' = stop tokens only). Chat prompts end at the "
+                         "template's end-of-turn token")
     # sampling and schedule (None = the device preset, see PRESETS)
     steps: int | None = arg(None, "training steps (one batch of rollouts each)")
     prompts_per_step: int | None = arg(None, "prompts per step (B), summed over all ranks")
@@ -138,8 +142,10 @@ class Config:
                                        "0 = never")
     eval_size: int | None = arg(None, "test problems per evaluation (0 = the whole test split)")
     eval_batch: int | None = arg(None, "prompts per evaluation sampler call")
-    eval_samples: int = arg(0, "also draw n samples per problem at --temperature and report pass@k "
-                               "(0 = greedy only)")
+    eval_samples: int = arg(0, "also draw n samples per problem at --eval-temperature / --eval-top-p and "
+                               "report pass@k (0 = greedy only; the accuracy is always greedy's)")
+    eval_temperature: float = arg(1.0, "temperature of the --eval-samples draws (the paper's authors: 1.0)")
+    eval_top_p: float = arg(1.0, "nucleus of the --eval-samples draws (the paper's authors: 0.95)")
     eval_only: bool = arg(False, "only evaluate --model on --task and write eval.json")
     # logging and checkpoints
     log_samples: int = arg(2, "completions per step written to samples.jsonl")
@@ -222,8 +228,11 @@ def resolve_config(cfg: Config, device: torch.device) -> Config:
         value = getattr(cfg, name)
         if not (math.isfinite(value) and within(value)):
             raise UsageError(f"--{name.replace('_', '-')} must be finite and {what}, got {value}")
-    if not (math.isfinite(cfg.temperature) and cfg.temperature >= 0) or not 0 < cfg.top_p <= 1:
-        raise UsageError("--temperature must be finite and >= 0, and --top-p in (0, 1]")
+    for temperature, top_p in (("temperature", "top_p"), ("eval_temperature", "eval_top_p")):
+        if not (math.isfinite(getattr(cfg, temperature)) and getattr(cfg, temperature) >= 0) or \
+                not 0 < getattr(cfg, top_p) <= 1:
+            raise UsageError(f"--{temperature.replace('_', '-')} must be finite and >= 0, and "
+                             f"--{top_p.replace('_', '-')} in (0, 1]")
     if not cfg.eval_only and cfg.temperature < 1e-3:
         raise UsageError(f"--temperature {cfg.temperature} cannot train: the G samples of a group would be "
                          "(nearly) equal; use >= 1e-3 (0 = greedy, for evaluation only)")
@@ -334,11 +343,28 @@ def dequantise_to(gguf_dir: Path, gguf_file: str, cache: Path) -> None:
 
 
 def stop_token_ids(tokenizer, model) -> list[int]:
-    """Token ids that end a completion: the tokenizer's EOS and the generation config's (Qwen lists two)."""
+    """Token ids that end a completion: the tokenizer's EOS, the generation config's, and the chat template's
+    end of turn. They differ: a Qwen2.5 base model's EOS is <|endoftext|> while its template ends a turn with
+    <|im_end|>; Llama 3 ends a turn with <|eot_id|> and stops at <|end_of_text|>."""
     ids = [tokenizer.eos_token_id]
     extra = model.generation_config.eos_token_id
     ids += extra if isinstance(extra, list) else [extra] if extra is not None else []
-    return list(dict.fromkeys(i for i in ids if i is not None))
+    return list(dict.fromkeys(i for i in ids + end_of_turn_ids(tokenizer) if i is not None))
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The special token that the chat template writes right after an assistant message, found by rendering
+    one ([] without a template, or when no special token follows the message)."""
+    probe = "rlino-end-of-turn-probe"
+    if tokenizer.chat_template is None:
+        return []
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "?"}, {"role": "assistant",
+                                          "content": probe}], tokenize=False, date_string=TEMPLATE_DATE)
+    if probe not in text:
+        return []
+    after = tokenizer(text[text.rindex(probe) + len(probe):], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    return after[:1] if after and after[0] in special else []
 
 
 def autocast(device: torch.device, cfg: Config):
@@ -361,13 +387,26 @@ def halving_on_oom(cfg: Config, name: str, work):
 
 
 # --------------------------------------------------------------------------- prompts
+TEMPLATE_DATE = "26 Jul 2024"  # for templates that write today's date (Llama 3's): the same prompts every day
+
+
+def uses_chat(tokenizer, prompt_format: str) -> bool:
+    """Whether prompts go through the chat template (--prompt-format auto: when the tokenizer has one)."""
+    return prompt_format == "chat" or (prompt_format == "auto" and tokenizer.chat_template is not None)
+
+
+def completion_stop_text(tokenizer, cfg: Config) -> str:
+    """--stop-text, for plain prompts; chat prompts end at the template's end-of-turn token instead."""
+    return "" if uses_chat(tokenizer, cfg.prompt_format) else cfg.stop_text
+
+
 def encode_prompts(task, examples: list[dict], tokenizer, prompt_format: str) -> list[list[int]]:
     """Token ids of each example's prompt: the task's chat messages through the chat template, or its plain
     text."""
-    use_chat = prompt_format == "chat" or (prompt_format == "auto" and tokenizer.chat_template is not None)
-    if use_chat:
+    if uses_chat(tokenizer, prompt_format):
         texts = [tokenizer.apply_chat_template(task.prompt_messages(ex), tokenize=False,
-                                               add_generation_prompt=True) for ex in examples]
+                                               add_generation_prompt=True, date_string=TEMPLATE_DATE)
+                 for ex in examples]
         return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     return [tokenizer(task.prompt_text(ex))["input_ids"] for ex in examples]
 
@@ -428,9 +467,9 @@ class Rollout:
     prompt_ids: torch.Tensor       # (N, P) left-padded
     prompt_mask: torch.Tensor      # (N, P)
     completion_ids: torch.Tensor   # (N, T) right-padded with a stop token after the first one
-    completion_mask: torch.Tensor  # (N, T) float, 1 up to and including the first stop token
+    completion_mask: torch.Tensor  # (N, T) float, 1 up to and including the first stop token (or stop text)
     lengths: torch.Tensor          # (N,) completion lengths in tokens
-    truncated: torch.Tensor        # (N,) bool: hit max_new_tokens without a stop token
+    truncated: torch.Tensor        # (N,) bool: hit max_new_tokens without a stop
     entropy: torch.Tensor          # (N,) mean entropy of the sampling distribution over the completion
 
 
@@ -550,11 +589,19 @@ def refresh_sampler(sampler, model) -> None:
             target.copy_(source)
 
 
+def contain_text(tokenizer, windows: torch.Tensor, text: str) -> torch.Tensor:
+    """(n,) bool: whether each row of the (n, w) token ids decodes to a text that holds `text`."""
+    return torch.tensor([text in piece for piece in tokenizer.batch_decode(windows.tolist())],
+                        dtype=torch.bool, device=windows.device)
+
+
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: list[int], group_size: int = 1,
            temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
-           amp=NO_AMP, progress: bool = False) -> Rollout:
-    """G completions for each of B prompts (greedy at temperature 0), with a KV cache."""
+           stop_text: str = "", tokenizer=None, amp=NO_AMP, progress: bool = False) -> Rollout:
+    """G completions for each of B prompts (greedy at temperature 0), with a KV cache. A completion ends at a
+    stop token, or at the token that completes `stop_text` (decoded with `tokenizer`), which it keeps as it
+    keeps a stop token."""
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = left_pad(prompts, stop_ids[0])                 # (B, P)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
@@ -571,6 +618,8 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: li
     next_position = attention.sum(-1)                                        # (N,)
     completion_ids = torch.full((n_rows, max_new_tokens), stop_ids[0], dtype=torch.long, device=device)
     lengths = torch.full((n_rows,), max_new_tokens, dtype=torch.long, device=device)
+    ended = torch.zeros(n_rows, dtype=torch.bool, device=device)            # stopped before max_new_tokens
+    window = len(stop_text.encode()) + 1                                     # tokens that can hold stop_text
     entropy_sum = torch.zeros(n_rows, device=device)
     live = torch.arange(n_rows, device=device)                               # rows still decoding
     for t in tqdm(range(max_new_tokens), desc="sampling", leave=False, disable=not progress):
@@ -578,7 +627,9 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: li
         entropy_sum[live] += entropy_of(tempered(logits, temperature))
         completion_ids[live, t] = token
         stopped = torch.isin(token, stop)
-        lengths[live[stopped]] = t + 1
+        if stop_text:
+            stopped |= contain_text(tokenizer, completion_ids[live, max(0, t + 1 - window):t + 1], stop_text)
+        lengths[live[stopped]], ended[live[stopped]] = t + 1, True
         if t == max_new_tokens - 1 or stopped.all():
             break
         if stopped.any():                                                  # drop finished rows from the batch
@@ -594,10 +645,9 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: li
         next_position = next_position + 1
     width = int(lengths.max())
     completion_mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).float()
-    truncated = ~torch.isin(completion_ids.gather(1, (lengths - 1)[:, None]).squeeze(-1), stop)
     return Rollout(prompt_ids.repeat_interleave(group_size, dim=0),
                    prompt_mask.repeat_interleave(group_size, dim=0), completion_ids[:, :width],
-                   completion_mask, lengths, truncated, entropy_sum / lengths)
+                   completion_mask, lengths, ~ended, entropy_sum / lengths)
 
 
 def sampler_generator(seed: int, step: int, chunk: int, device: torch.device) -> torch.Generator:
@@ -642,17 +692,20 @@ def collect_rollouts(model, tokenizer, task, examples: list[dict], cfg: Config, 
             generator = sampler_generator(cfg.seed, step, first_chunk + c, next(model.parameters()).device)
             parts.append(sample(model, prompts, max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids,
                                 group_size=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
-                                generator=generator, amp=amp, progress=progress))
+                                generator=generator, stop_text=completion_stop_text(tokenizer, cfg),
+                                tokenizer=tokenizer, amp=amp, progress=progress))
         return concat_rollouts(parts, stop_ids[0])
 
     return halving_on_oom(cfg, "sample_batch", draw)
 
 
 # --------------------------------------------------------------------------- rewards
-def decode_completions(tokenizer, rollout: Rollout) -> list[str]:
-    """Completion texts, each cut at its length (the stop token is a special token and is skipped)."""
-    return [tokenizer.decode(ids[:n], skip_special_tokens=True)
-            for ids, n in zip(rollout.completion_ids.tolist(), rollout.lengths.tolist())]
+def decode_completions(tokenizer, rollout: Rollout, *, stop_text: str = "") -> list[str]:
+    """Completion texts, each cut at its length (the stop token is a special token and is skipped) and before
+    `stop_text`, the start of a new turn, so that the verifier never reads it."""
+    texts = [tokenizer.decode(ids[:n], skip_special_tokens=True)
+             for ids, n in zip(rollout.completion_ids.tolist(), rollout.lengths.tolist())]
+    return [text.split(stop_text)[0] for text in texts] if stop_text else texts
 
 
 def score(task, completions: list[str], examples: list[dict], *, group_size: int,
@@ -667,14 +720,16 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool = Tr
                      eps: float = 1e-4) -> torch.Tensor:
     """Group-relative advantages of GRPO (Shao et al. 2024): A_i = (r_i - mean_g r) / (std_g r + eps).
 
-    rewards: (B*G,) grouped contiguously by prompt; std is the population std. Returns (B*G,). With binary
-    rewards and a fraction p of correct samples in a group this is +sqrt((1-p)/p) for a correct sample and
-    -sqrt(p/(1-p)) for a wrong one; an all-equal group gives 0. scale=False skips the division (Dr. GRPO).
+    rewards: (B*G,) grouped contiguously by prompt. Returns (B*G,). std is the sample std (Bessel's G - 1), as
+    in TRL and verl (the paper's code); eps is TRL's (verl: 1e-6). With binary rewards and a fraction p of
+    correct samples in a group this is +c sqrt((1-p)/p) for a correct sample and -c sqrt(p/(1-p)) for a wrong
+    one, c = sqrt((G-1)/G) (0.894 at G = 5: the population std would give 1.118 times these); an all-equal
+    group gives 0. scale=False skips the division (Dr. GRPO).
     """
     groups = rewards.view(-1, group_size)                                    # (B, G)
     centred = groups - groups.mean(dim=1, keepdim=True)
     if scale:
-        centred = centred / (groups.std(dim=1, unbiased=False, keepdim=True) + eps)
+        centred = centred / (groups.std(dim=1, keepdim=True) + eps)
     return centred.view(-1)
 
 
@@ -940,7 +995,8 @@ def length_stats(lengths: torch.Tensor, correct: torch.Tensor) -> dict:
 
 def evaluate(model, tokenizer, task, examples: list[dict], cfg: Config, *, stop_ids: list[int], amp=NO_AMP,
              rank: int = 0, world: int = 1) -> dict:
-    """Greedy accuracy (and pass@k from cfg.eval_samples samples) on the examples, split over ranks."""
+    """Greedy accuracy (and pass@k from cfg.eval_samples samples at --eval-temperature / --eval-top-p) on
+    the examples, split over ranks."""
     model.eval()
     mine = list(range(rank, len(examples), world))
     records = []
@@ -948,16 +1004,17 @@ def evaluate(model, tokenizer, task, examples: list[dict], cfg: Config, *, stop_
     for start in range(0, len(mine), cfg.eval_batch):
         chunk = [examples[i] for i in mine[start:start + cfg.eval_batch]]
         prompts = encode_prompts(task, chunk, tokenizer, cfg.prompt_format)
-        greedy = sample(model, prompts, max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids, amp=amp)
+        stops = dict(max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids, tokenizer=tokenizer,
+                     stop_text=completion_stop_text(tokenizer, cfg))
+        greedy = sample(model, prompts, **stops, amp=amp)
         counts = [0] * len(chunk)
         if cfg.eval_samples > 0:
             generator = sampler_generator(cfg.seed, -1, mine[start], greedy.lengths.device)
-            drawn = sample(model, prompts, max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids,
-                           group_size=cfg.eval_samples, temperature=cfg.temperature, top_p=cfg.top_p,
-                           generator=generator, amp=amp)
-            for i, text in enumerate(decode_completions(tokenizer, drawn)):
+            drawn = sample(model, prompts, **stops, group_size=cfg.eval_samples, generator=generator,
+                           temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, amp=amp)
+            for i, text in enumerate(decode_completions(tokenizer, drawn, stop_text=stops["stop_text"])):
                 counts[i // cfg.eval_samples] += task.reward(text, chunk[i // cfg.eval_samples]) >= 1.0
-        for i, text in enumerate(decode_completions(tokenizer, greedy)):
+        for i, text in enumerate(decode_completions(tokenizer, greedy, stop_text=stops["stop_text"])):
             records.append({"correct": task.reward(text, chunk[i]) >= 1.0, "length": int(greedy.lengths[i]),
                             "truncated": bool(greedy.truncated[i]), "n_correct": counts[i]})
         bar.update(len(chunk))
@@ -1452,7 +1509,8 @@ def train(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: in
             examples = [run.train_set[i] for i in mine]
             rollout = collect_rollouts(run.sampler, run.tokenizer, run.task, examples, cfg, step=step,
                                        stop_ids=run.stop_ids, rank=rank, amp=run.amp, progress=rank == 0)
-            texts = decode_completions(run.tokenizer, rollout)
+            texts = decode_completions(run.tokenizer, rollout,
+                                       stop_text=completion_stop_text(run.tokenizer, cfg))
             rewards = score(run.task, texts, examples, group_size=cfg.group_size,
                             format_reward=cfg.format_reward).to(device)                  # (n,)
             advantages = group_advantages(rewards, cfg.group_size, scale=cfg.scale_adv)   # (n,)
@@ -1613,6 +1671,7 @@ def run_record(run: str, rows: list[dict]) -> dict:
         raise UsageError(f"{run}: no evaluation or no training step logged yet")
 
     return {"start": evals[0]["eval_accuracy"], "end": evals[-1]["eval_accuracy"],
+            "sampled": evals[-1].get("eval_pass@1"),
             "gain": evals[-1]["eval_accuracy"] - evals[0]["eval_accuracy"], "eval_n": evals[-1]["eval_n"],
             "slope_wrong": slope([(r["step"], r["len_incorrect"]) for r in steps
                                   if r.get("len_incorrect") is not None]),
@@ -1621,21 +1680,42 @@ def run_record(run: str, rows: list[dict]) -> dict:
             "signal": float(np.mean([1 - r["zero_std_frac"] for r in steps]))}
 
 
+# The paper's table (arXiv 2505.13697 v4, final test accuracy in %, as its summaries give it: ../shared/PAPER.md)
+# by (model, benchmark), one figure per column of PAPER_ARMS; None where the paper has none. F-ISFT-'s 0.00 on
+# Countdown is given without the model: we put it in both rows.
+PAPER_ARMS = ("GRPO", "GRPO w/o KL", "F-ISFT+", "F-ISFT+−", "F-ISFT−")
+PAPER_TABLE = {("Qwen2.5-0.5B", "gsm8k"): (55.87, 55.19, 51.71, 55.72, None),
+               ("Qwen2.5-1.5B", "gsm8k"): (78.24, 76.87, 74.98, 76.37, None),
+               ("Qwen2.5-0.5B", "countdown"): (37.73, 42.43, 44.01, 37.86, 0.00),
+               ("Qwen2.5-1.5B", "countdown"): (71.43, 70.82, 53.57, 65.89, 0.00),
+               ("Llama-3.2-1B-Instruct", "gsm8k"): (62.01, None, 57.31, 63.07, None),
+               ("Llama-3.2-3B-Instruct", "gsm8k"): (84.59, None, 81.95, 83.54, None)}
+
+
+def paper_arm(algo: str, beta: float) -> str:
+    """The paper's column of a run: GRPO with or without its KL penalty, or an F-ISFT variant."""
+    if algo == "grpo":
+        return "GRPO" if beta > 0 else "GRPO w/o KL"
+    return {"fisft+": "F-ISFT+", "fisft+-": "F-ISFT+−", "fisft-": "F-ISFT−"}[algo]
+
+
 def results_table(run_dirs: list[str]) -> str:
-    """Two markdown tables over runs grouped by (task, model, algo, loss-agg), one run per seed: eval
+    """Three markdown tables over runs grouped by (task, model, algo, loss-agg, beta), one run per seed: eval
     accuracy (start, end, gain) and the length of incorrect answers in training (slope over the steps, first
     and last step), each as mean ± 95 % CI over seeds, with each group's paired difference (by seed) to
-    GRPO-seq."""
+    GRPO-seq (beta 0); then the final accuracies in the paper's layout, next to its figures."""
     groups = {}
     for run in run_dirs:
         cfg, rows = read_run(run)
-        runs = groups.setdefault((cfg["task"], cfg["model"], cfg["algo"], cfg["loss_agg"]), {})
+        key = (cfg["task"], cfg["model"], cfg["algo"], cfg["loss_agg"], cfg.get("beta", 0.0))
+        runs = groups.setdefault(key, {})
         if cfg["seed"] in runs:
-            raise UsageError(f"{run}: a second run of {cfg['algo']} {cfg['loss_agg']}, seed {cfg['seed']}")
+            raise UsageError(f"{run}: a second run of {cfg['algo']} {cfg['loss_agg']} beta {key[-1]}, seed "
+                             f"{cfg['seed']}")
         runs[cfg["seed"]] = run_record(run, rows)
 
     def paired(task, model, runs: dict, key: str) -> str:
-        reference = groups.get((task, model, "grpo", "seq"), {})
+        reference = groups.get((task, model, "grpo", "seq", 0.0), {})
         diffs = [runs[s][key] - reference[s][key] for s in sorted(runs.keys() & reference.keys())
                  if runs[s][key] is not None and reference[s][key] is not None]
         return "(reference)" if runs is reference else mean_ci(diffs) + f" [{len(diffs)} pairs]"
@@ -1644,14 +1724,14 @@ def results_table(run_dirs: list[str]) -> str:
         firsts, lasts = zip(*(r[key] for r in runs.values()))
         return f"{mean_ci(list(firsts))} → {mean_ci(list(lasts))}"
 
-    accuracy = ["| task | model | algo | loss-agg | seeds | eval acc. start | eval acc. end | gain | "
-                "end − GRPO-seq, paired |", "|" + " --- |" * 9]
-    length = ["| task | model | algo | loss-agg | seeds | slope of len wrong (tokens/step) | "
+    accuracy = ["| task | model | algo | loss-agg | beta | seeds | eval acc. start | eval acc. end | gain | "
+                "end − GRPO-seq, paired |", "|" + " --- |" * 10]
+    length = ["| task | model | algo | loss-agg | beta | seeds | slope of len wrong (tokens/step) | "
               "len wrong, first → last step | len right, first → last step | truncated | "
               "groups with signal | slope − GRPO-seq, paired |",
-              "|" + " --- |" * 11]
-    for (task, model, algo, agg), runs in sorted(groups.items()):
-        head = f"| {task} | {Path(model).name} | {algo} | {agg} | {len(runs)} | "
+              "|" + " --- |" * 12]
+    for (task, model, algo, agg, beta), runs in sorted(groups.items()):
+        head = f"| {task} | {Path(model).name} | {algo} | {agg} | {beta:g} | {len(runs)} | "
         records = list(runs.values())
         accuracy.append(head + " | ".join([mean_ci([r[k] for r in records]) for k in ("start", "end", "gain")]
                                           + [paired(task, model, runs, "end")]) + " |")
@@ -1660,11 +1740,26 @@ def results_table(run_dirs: list[str]) -> str:
                                          mean_ci([r["truncated"] for r in records]),
                                          mean_ci([r["signal"] for r in records]),
                                          paired(task, model, runs, "slope_wrong")]) + " |")
+    paper = [f"| model | task | final accuracy, % | {' | '.join(PAPER_ARMS)} |", "|" + " --- |" * 8]
+    for task, model in sorted({key[:2] for key in groups}):
+        arms = {arm: [] for arm in PAPER_ARMS}  # the seq runs of each column
+        for (_, _, algo, agg, beta), runs in ((k, v) for k, v in groups.items() if k[:2] == (task, model)):
+            arms[paper_arm(algo, beta)] += list(runs.values()) if agg == "seq" else []
+        figures = PAPER_TABLE.get((Path(model).name, task.removesuffix("-paper")), (None,) * len(PAPER_ARMS))
+        head = f"| {Path(model).name} | {task} | "
+        paper.append(head + "the paper | " + " | ".join("–" if f is None else f"{f:.2f}" for f in figures) + " |")
+        for what, key in (("ours, greedy", "end"), ("ours, sampled (pass@1)", "sampled")):
+            paper.append(head + what + " | " + " | ".join(mean_ci([None if r[key] is None else 100 * r[key]
+                                                                   for r in arms[arm]]) for arm in PAPER_ARMS)
+                         + " |")
     n_eval = sorted({r["eval_n"] for runs in groups.values() for r in runs.values()})
     note = (f"\n\nEval accuracy: greedy, on {'/'.join(map(str, n_eval))} test problems. Mean ± half-width "
             "of the 95 % CI over seeds (Student's t); paired: the difference to the GRPO-seq run of the same "
             "seed.\n\n")
-    return "\n".join(accuracy) + note + "\n".join(length) + "\n"
+    paper_note = ("\n\nIn the paper's layout (seq runs; GRPO with beta > 0 is its GRPO column): the last "
+                  "evaluation, greedy and with --eval-samples (the authors sampled one answer at T 1.0, top-p "
+                  "0.95); F-ISFT+− is GRPO without KL in another form (the same update).\n")
+    return "\n".join(accuracy) + note + "\n".join(length) + "\n\n" + "\n".join(paper) + paper_note
 
 
 def plot_runs(run_dirs: list[str], out_png: str) -> None:

@@ -45,40 +45,47 @@ case "${1:-}" in
     "$VENV/bin/python" rlino.py --table "${runs[@]}" | tee "$out/$1.md"
     "$VENV/bin/python" rlino.py --plot "${runs[@]}" --out "$out/$1.png" ;;
   paper|paper-length)  # on a GPU, the cuda preset (= the paper's settings); ROW is a row of the paper's table:
-    # paper ROW: GRPO, F-ISFT+ and F-ISFT+- one after the other into ${PAPER_DIR:-runs/paper}/<row>-<algo>;
+    # paper ROW: the paper's columns one after the other into ${PAPER_DIR:-runs/paper}/<row>-<arm>: GRPO with its
+    # KL (beta 0.001, k3), GRPO without KL, F-ISFT+, F-ISFT+- (the same update as GRPO without KL: the identity's
+    # check on real hardware), and F-ISFT- on Countdown, where the paper has it; finished runs are kept.
     # paper-length ROW: the length experiment at the paper's scale, GRPO with --loss-agg seq, token, const on
-    # seeds ${SEEDS:-0 1 2}, into ${PAPER_DIR:-runs/paper}/<row>-grpo-<agg>-s<seed> (finished runs are kept)
-    declare -A rows=(  # model, task, prompt format (the paper trained Qwen2.5 base models and Llama-3.2 instruct)
-      [qwen05-gsm8k]="Qwen/Qwen2.5-0.5B gsm8k plain"         [qwen15-gsm8k]="Qwen/Qwen2.5-1.5B gsm8k plain"
+    # seeds ${SEEDS:-0 1 2}, into ${PAPER_DIR:-runs/paper}/<row>-grpo-<agg>-s<seed>.
+    # PAPER_MODEL replaces the row's model (a dry run on a CPU: PAPER_MODEL=some/tiny-model ... --steps 1).
+    declare -A rows=(  # model, task, prompt format: the authors gave every model the bare prompt text (README)
+      [qwen05-gsm8k]="Qwen/Qwen2.5-0.5B gsm8k-paper plain"   [qwen15-gsm8k]="Qwen/Qwen2.5-1.5B gsm8k-paper plain"
       [qwen05-countdown]="Qwen/Qwen2.5-0.5B countdown plain" [qwen15-countdown]="Qwen/Qwen2.5-1.5B countdown plain"
-      [llama1b-gsm8k]="meta-llama/Llama-3.2-1B-Instruct gsm8k chat"
-      [llama3b-gsm8k]="meta-llama/Llama-3.2-3B-Instruct gsm8k chat"
-      [qwen05-math]="Qwen/Qwen2.5-0.5B math plain"           [qwen15-math]="Qwen/Qwen2.5-1.5B math plain")
+      [llama1b-gsm8k]="meta-llama/Llama-3.2-1B-Instruct gsm8k-paper plain"
+      [llama3b-gsm8k]="meta-llama/Llama-3.2-3B-Instruct gsm8k-paper plain"
+      [qwen05-math]="Qwen/Qwen2.5-0.5B math-paper plain"     [qwen15-math]="Qwen/Qwen2.5-1.5B math-paper plain")
     row=${2:-}
     if [ -z "$row" ] || [ -z "${rows[$row]:-}" ]; then
       echo "usage: ./run.sh $1 ROW [extra arguments]; ROW is one of: ${!rows[*]}"; exit 2
     fi
     read -r model task format <<< "${rows[$row]}"
     root=${PAPER_DIR:-runs/paper}
-    common=(--model "$model" --task "$task" --prompt-format "$format" "${@:3}")
-    dirs=()
+    # greedy accuracy, and the authors' sampled one: one answer per problem at T 1.0, top-p 0.95 (eval_pass@1)
+    common=(--model "${PAPER_MODEL:-$model}" --task "$task" --prompt-format "$format"
+            --eval-samples 1 --eval-temperature 1.0 --eval-top-p 0.95 "${@:3}")
+    arms=("grpo:--beta 0.001" "grpo-nokl:--algo grpo" "fisft+:--algo fisft+" "fisft+-:--algo fisft+-")
+    [ "$task" = countdown ] && arms+=("fisft-:--algo fisft-")
+    runs=()  # "<dir> <arguments>" of each run
     if [ "$1" = paper ]; then
-      for algo in grpo fisft+ fisft+-; do
-        dirs+=("$root/$row-$algo")
-        "$VENV/bin/python" rlino.py "${common[@]}" --algo "$algo" --out "$root/$row-$algo"
-      done
+      for arm in "${arms[@]}"; do runs+=("$root/$row-${arm%%:*} ${arm#*:}"); done
     else
       for seed in ${SEEDS:-0 1 2}; do
-        for agg in seq token const; do
-          dir="$root/$row-grpo-$agg-s$seed"
-          dirs+=("$dir")
-          [ -f "$dir/summary.json" ] && continue
-          rm -rf "$dir"
-          "$VENV/bin/python" rlino.py "${common[@]}" --algo grpo --loss-agg "$agg" --seed "$seed" --out "$dir"
-        done
+        for agg in seq token const; do runs+=("$root/$row-grpo-$agg-s$seed --loss-agg $agg --seed $seed"); done
       done
-      "$VENV/bin/python" rlino.py --plot "${dirs[@]}" --out "$root/$row-length.png"
     fi
+    dirs=()
+    for spec in "${runs[@]}"; do
+      read -r dir args <<< "$spec"
+      dirs+=("$dir")
+      if [ -f "$dir/summary.json" ]; then continue; fi  # finished
+      if [ -f "$dir/config.json" ]; then "$VENV/bin/python" rlino.py --resume "$dir"; continue; fi  # stopped
+      # shellcheck disable=SC2086  # $args: the arm's own flags, word-split on purpose
+      "$VENV/bin/python" rlino.py "${common[@]}" $args --out "$dir"
+    done
+    [ "$1" = paper-length ] && "$VENV/bin/python" rlino.py --plot "${dirs[@]}" --out "$root/$row-length.png"
     "$VENV/bin/python" rlino.py --table "${dirs[@]}" ;;
   bench)  # rlino against model.generate and TRL's GRPOTrainer (bench/README.md); --quick takes < 10 min on 2 cores
     "$VENV/bin/pip" install -q -r bench/requirements.txt

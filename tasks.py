@@ -197,6 +197,9 @@ PREAMBLE = ("A conversation between User and Assistant. The user asks a question
             "solves it. The assistant first thinks about the reasoning process in the mind and then provides "
             "the user with the answer.")
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+# The paper's authors' prompt (their public verl scripts, github Durgesh-Kalwar/verl-2llm: the GSM8K and MATH
+# preprocessing), given to every model as the bare text, without a chat template.
+PAPER_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
 COUNTDOWN_INSTRUCTION = ("Using the numbers {nums}, create an equation that equals {target}. You can use "
                          "basic arithmetic operations (+, -, *, /) and each number can only be used once. "
                          "Show your work in <think> </think> tags. And return the final answer in "
@@ -224,8 +227,8 @@ class Task:
         records = self._records(split, data_dir, limit, seed)
         return records if limit is None else records[:limit]
 
-    def _records(self, split, data_dir, limit, seed):
-        return load_records(self.name, split, data_dir, self.fields, self._from_hub)
+    def _records(self, split, data_dir, limit, seed):  # a "-paper" task reads its benchmark's data
+        return load_records(self.name.removesuffix("-paper"), split, data_dir, self.fields, self._from_hub)
 
     def _from_hub(self, split: str) -> list[dict]:  # per task
         raise NotImplementedError
@@ -702,8 +705,37 @@ class ArithReason(Arith):
         return f"{example['question']} {BOXED_INSTRUCTION}"
 
 
+# ------------------------------------------------------------------------------ the paper's prompts (GPU rows)
+class AsThePaper:
+    """A benchmark posed as the paper's authors posed it: the question, then PAPER_INSTRUCTION, as the bare
+    prompt text (their verl scripts give no template, no preamble), scored on the last \\boxed{} alone."""
+
+    def instruction(self, example):
+        return f"{example[self.question_field]} {PAPER_INSTRUCTION}"
+
+    def prompt_text(self, example):
+        return self.instruction(example)
+
+
+class GSM8KPaper(AsThePaper, GSM8K):
+    """GSM8K as in the paper: the last \\boxed{} must hold the gold number ('####' and 'the answer is' do not
+    count, as in the authors' reward)."""
+
+    name, question_field = "gsm8k-paper", "question"
+
+    def extract_answer(self, completion):
+        return last_boxed(completion)
+
+
+class MATHPaper(AsThePaper, MATH):
+    """MATH as in the paper's prompt (MATH's verifier already reads the last \\boxed{} alone)."""
+
+    name, question_field = "math-paper", "problem"
+
+
 # --------------------------------------------------------------------------------------------------- registry
-TASKS: dict[str, Task] = {task.name: task for task in (GSM8K(), MATH(), Countdown(), Arith(), ArithReason())}
+TASKS: dict[str, Task] = {task.name: task for task in (GSM8K(), MATH(), Countdown(), Arith(), ArithReason(),
+                                                       GSM8KPaper(), MATHPaper())}
 
 
 def get_task(name: str) -> Task:

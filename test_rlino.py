@@ -36,29 +36,67 @@ SPECIALS = ["<unk>", "<s>", "<|im_end|>", "<|im_start|>"]
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                  "{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# Llama 3.2's template in short: a system header that writes today's date unless date_string is given, turns
+# that end with <|eot_id|>
+LLAMA3_TEMPLATE = ("{{ bos_token }}{% if date_string is not defined %}{% if strftime_now is defined %}"
+                   "{% set date_string = strftime_now('%d %b %Y') %}{% else %}{% set date_string = '26 Jul 2024' %}"
+                   "{% endif %}{% endif %}<|start_header_id|>system<|end_header_id|>\n\nToday Date: "
+                   "{{ date_string }}<|eot_id|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}"
+                   "<|end_header_id|>\n\n{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+                   "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+# Tokenizers built like the real ones (special tokens, bos, eos, chat template): the embedded SmolLM2's EOS is
+# its end of turn; a Qwen2.5 base model's EOS is <|endoftext|> while its template ends a turn with <|im_end|>;
+# Llama 3 stops at <|end_of_text|> and ends a turn with <|eot_id|>.
+FLAVOURS = {
+    "smollm2": (SPECIALS, "<s>", "<|im_end|>", CHAT_TEMPLATE),
+    "qwen2.5-base": (["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|endoftext|>",
+                     CHAT_TEMPLATE),
+    "llama3": (["<unk>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                "<|eot_id|>"], "<|begin_of_text|>", "<|end_of_text|>", LLAMA3_TEMPLATE)}
 
 
-def make_tiny_model(folder: Path, seed: int = 0, layers: int = 2) -> Path:
-    """A random 2-layer Llama with a character-level tokenizer (100 tokens), saved like a hub model."""
+def make_tiny_model(folder: Path, seed: int = 0, layers: int = 2, flavour: str = "smollm2",
+                    always: str | None = None) -> Path:
+    """A random 2-layer Llama with a character-level tokenizer (about 100 tokens) of the given flavour, saved
+    like a hub model; `always`: the token that the model then always emits next (see always_emits)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(SPECIALS + CHARS)}
+    specials, bos, eos, template = FLAVOURS[flavour]
+    vocab = {token: i for i, token in enumerate(specials + CHARS)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
-                                        eos_token="<|im_end|>", pad_token="<|im_end|>",
-                                        additional_special_tokens=["<|im_start|>"])
-    tokenizer.chat_template = CHAT_TEMPLATE
+    others = [t for t in specials if t not in ("<unk>", bos, eos)]
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token=bos,
+                                        eos_token=eos, pad_token=eos, additional_special_tokens=others)
+    tokenizer.chat_template = template
     config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-                         tie_word_embeddings=True)
+                         max_position_embeddings=4096, bos_token_id=vocab.get(bos), eos_token_id=vocab[eos],
+                         pad_token_id=vocab[eos], tie_word_embeddings=always is None)
     torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    model = LlamaForCausalLM(config)
+    if always is not None:
+        always_emits(model, vocab[always])
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@torch.no_grad()
+def always_emits(model, token_id: int) -> None:
+    """Rig a tiny Llama (untied head) so that its next token is always token_id, by a margin of hundreds of
+    logits: hidden unit 0 holds a constant that no layer changes, the final norm keeps only that unit, and only
+    token_id's row of the head reads it."""
+    model.get_input_embeddings().weight[:, 0] = 100.0
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.weight[0] = 0.0
+        layer.mlp.down_proj.weight[0] = 0.0
+    model.model.norm.weight.zero_()
+    model.model.norm.weight[0] = 1.0
+    model.lm_head.weight.zero_()
+    model.lm_head.weight[token_id, 0] = 50.0
 
 
 @pytest.fixture(scope="session")
@@ -157,12 +195,12 @@ def full_forward_logprobs(model, rollout, temperature: float) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- (a) advantages
 def test_group_advantages_hand_computed():
-    """GRPO's A_i = (r_i - mean r) / (std r + eps) per group, and Dr. GRPO's unscaled r_i - mean r."""
+    """GRPO's A_i = (r_i - mean r) / (std r + eps) per group, std with Bessel's correction (TRL's and verl's),
+    and Dr. GRPO's unscaled r_i - mean r."""
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 4.0, 6.0, 8.0])
     adv = rlino.group_advantages(rewards, 4, eps=0.0)
-    std2 = math.sqrt(5.0)  # population std of 2, 4, 6, 8
-    expected = torch.tensor([0.75 / math.sqrt(0.1875), -0.25 / math.sqrt(0.1875), -0.25 / math.sqrt(0.1875),
-                             -0.25 / math.sqrt(0.1875), -3 / std2, -1 / std2, 1 / std2, 3 / std2])
+    std2 = math.sqrt(20 / 3)  # sample std of 2, 4, 6, 8: squared deviations 9 + 1 + 1 + 9 over G - 1 = 3
+    expected = torch.tensor([1.5, -0.5, -0.5, -0.5, -3 / std2, -1 / std2, 1 / std2, 3 / std2])  # std 0.5
     torch.testing.assert_close(adv, expected)
     torch.testing.assert_close(rlino.group_advantages(rewards, 4, scale=False),
                                torch.tensor([0.75, -0.25, -0.25, -0.25, -3.0, -1.0, 1.0, 3.0]))
@@ -170,12 +208,14 @@ def test_group_advantages_hand_computed():
 
 @pytest.mark.parametrize("n_correct,group_size", [(1, 4), (2, 5), (3, 4), (1, 8)])
 def test_binary_advantages_closed_form(n_correct, group_size):
-    """Binary rewards, a fraction p correct: A = +sqrt((1-p)/p) for a correct sample, -sqrt(p/(1-p)) else."""
+    """Binary rewards, a fraction p correct: A = +c sqrt((1-p)/p) for a correct sample, -c sqrt(p/(1-p))
+    else, c = sqrt((G-1)/G) from the sample std."""
     p = n_correct / group_size
+    c = math.sqrt((group_size - 1) / group_size)
     rewards = torch.tensor([1.0] * n_correct + [0.0] * (group_size - n_correct))
     adv = rlino.group_advantages(rewards, group_size, eps=1e-8)
-    torch.testing.assert_close(adv[0], torch.tensor(math.sqrt((1 - p) / p)))
-    torch.testing.assert_close(adv[-1], torch.tensor(-math.sqrt(p / (1 - p))))
+    torch.testing.assert_close(adv[0], torch.tensor(c * math.sqrt((1 - p) / p)))
+    torch.testing.assert_close(adv[-1], torch.tensor(-c * math.sqrt(p / (1 - p))))
 
 
 def test_all_equal_group_gives_zero_not_nan():
@@ -205,7 +245,7 @@ def test_fisft_never_pushes_a_sample_the_wrong_way(mode):
     # group 1: a formatted wrong answer leads
     rewards = torch.tensor([0.1, 0.0, 0.0, 0.0, 1.0, 0.1, 0.0, 0.1])
     adv = rlino.group_advantages(rewards, 4)
-    assert adv[0] > 1.7  # what GRPO does: +1.73 for a wrong answer
+    assert adv[0] > 1.4  # what GRPO does: +1.50 for a wrong answer
     plus, minus, both = (rlino.fisft_sample_weights(rewards, adv, algo, mode)
                          for algo in ("fisft+", "fisft-", "fisft+-"))
     correct = rewards >= 1.0
@@ -723,6 +763,74 @@ def test_main_two_steps_writes_the_run_and_changes_parameters(tiny_dir, tmp_path
     assert not unchanged, f"{algo}: parameters that did not change: {unchanged}"
 
 
+# --------------------------------------------------------------------------- (f2) where a completion ends
+END_OF_TURN = {"smollm2": "<|im_end|>", "qwen2.5-base": "<|im_end|>", "llama3": "<|eot_id|>"}
+
+
+@pytest.mark.parametrize("flavour", list(FLAVOURS))
+def test_stop_tokens_are_eos_and_the_templates_end_of_turn(flavour, tmp_path):
+    """stop_token_ids: the tokenizer's EOS first (it pads), and the token the chat template ends a turn with,
+    found from the template, also where it is not the EOS (Qwen2.5 base, Llama 3)."""
+    model, tokenizer = rlino.load_model(str(make_tiny_model(tmp_path / flavour, flavour=flavour)),
+                                        torch.device("cpu"))
+    stop = rlino.stop_token_ids(tokenizer, model)
+    assert stop[0] == tokenizer.eos_token_id
+    assert tokenizer.convert_tokens_to_ids(END_OF_TURN[flavour]) in stop
+    assert rlino.end_of_turn_ids(tokenizer) == [tokenizer.convert_tokens_to_ids(END_OF_TURN[flavour])]
+    tokenizer.chat_template = None
+    assert rlino.end_of_turn_ids(tokenizer) == []
+
+
+@pytest.mark.parametrize("flavour", ["qwen2.5-base", "llama3"])
+def test_a_completion_ends_where_the_model_ends_its_turn(flavour, tmp_path, monkeypatch):
+    """A model that ends its turn at once, its EOS another token (as Qwen2.5 base's and Llama 3's): evaluation
+    and training see one-token completions, none truncated, where they ran to --max-new-tokens before."""
+    model_dir = make_tiny_model(tmp_path / "model", flavour=flavour, always=END_OF_TURN[flavour])
+    result = rlino.main(["--eval-only", "--model", str(model_dir), "--task", "arith", "--eval-size", "4",
+                         "--max-new-tokens", "24", "--out", str(tmp_path / "eval"), *FP32])
+    assert (result["eval_len_incorrect"], result["eval_truncated_frac"]) == (1.0, 0.0)
+    monkeypatch.setattr(tasks.get_task("arith"), "reward", alternating_reward())
+    rlino.main([*TINY_RUN, "--model", str(model_dir), "--out", str(tmp_path / "run"), "--steps", "1"])
+    step = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][1]
+    assert (step["len_mean"], step["truncated_frac"], step["update_rows"]) == (1.0, 0.0, 8)
+
+
+def test_llama3_prompts_do_not_carry_todays_date(tmp_path):
+    """Llama 3's template writes today's date unless told one: rlino tells it a fixed one, so that a run gives
+    the same prompts on any day."""
+    _, tokenizer = rlino.load_model(str(make_tiny_model(tmp_path / "m", flavour="llama3")), torch.device("cpu"))
+    task = tasks.get_task("arith")
+    prompt = tokenizer.decode(rlino.encode_prompts(task, task.load("test", limit=1), tokenizer, "auto")[0])
+    assert prompt.startswith("<|begin_of_text|><|start_header_id|>system")
+    assert f"Today Date: {rlino.TEMPLATE_DATE}" in prompt and rlino.TEMPLATE_DATE == "26 Jul 2024"
+
+
+def test_plain_prompts_end_at_the_stop_text_and_what_follows_counts_for_nothing(tiny):
+    """--stop-text with plain prompts: a row ends at the token that completes the text (greedy rows equal
+    generate's up to there), is not truncated, and its decoded answer stops before the text; chat prompts
+    use the template's end of turn instead."""
+    model, tokenizer = tiny
+    prompts = [tokenizer(t)["input_ids"] for t in ["What is 2+2?", "Hi", "A longer prompt, of more tokens."]]
+    ids, mask = rlino.left_pad(prompts, 2)
+    free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                          eos_token_id=None, pad_token_id=2)[:, ids.shape[1]:]
+    text = tokenizer.decode(free[0])
+    stop_text = text[5:8]
+    end = text.index(stop_text) + len(stop_text)  # the character-level tokenizer: one token per character
+    rollout = rlino.sample(model, prompts, max_new_tokens=16, stop_ids=[2], stop_text=stop_text,
+                           tokenizer=tokenizer)
+    assert int(rollout.lengths[0]) == end and not rollout.truncated[0]
+    answers = rlino.decode_completions(tokenizer, rollout, stop_text=stop_text)
+    assert answers[0] == text[:text.index(stop_text)]
+    for row in range(3):
+        n = int(rollout.lengths[row])
+        assert rollout.completion_ids[row, :n].tolist() == free[row, :n].tolist()
+        row_text = tokenizer.decode(free[row, :n])
+        assert bool(rollout.truncated[row]) == (stop_text not in row_text) and rollout.completion_mask[row].sum() == n
+    assert rlino.completion_stop_text(tokenizer, resolved(prompt_format="plain")) == "\nUser:"
+    assert rlino.completion_stop_text(tokenizer, resolved(prompt_format="auto")) == ""
+
+
 # --------------------------------------------------------------------------- (g) the real embedded model
 def test_embedded_smollm2_loads_samples_and_updates():
     device = torch.device("cpu")
@@ -789,11 +897,21 @@ def test_pass_at_k_unbiased_estimator():
     assert rlino.pass_at_k(10, 3, 5) == pytest.approx(1 - math.comb(7, 5) / math.comb(10, 5))
 
 
-def test_eval_only_writes_accuracy_pass_at_k_and_lengths(tiny_dir, tmp_path):
+def test_eval_only_writes_accuracy_pass_at_k_and_lengths(tiny_dir, tmp_path, monkeypatch):
+    """--eval-only: greedy accuracy, and pass@k from --eval-samples draws at --eval-temperature and
+    --eval-top-p (the paper's authors sampled at 1.0 and 0.95), not at the training --temperature."""
+    drawn_at, real_sample = [], rlino.sample
+
+    def sample(*args, temperature=0.0, top_p=1.0, **kwargs):
+        drawn_at.append((temperature, top_p))
+        return real_sample(*args, temperature=temperature, top_p=top_p, **kwargs)
+
+    monkeypatch.setattr(rlino, "sample", sample)
     out = tmp_path / "eval"
     result = rlino.main(["--eval-only", "--model", str(tiny_dir), "--task", "arith", "--eval-size", "6",
-                         "--eval-samples", "4", "--max-new-tokens", "8", "--temperature", "1.0",
-                         "--out", str(out)])
+                         "--eval-samples", "4", "--max-new-tokens", "8", "--temperature", "0.5",
+                         "--eval-temperature", "1.0", "--eval-top-p", "0.95", "--out", str(out)])
+    assert drawn_at == [(0.0, 1.0), (1.0, 0.95)]  # one batch of 6: greedy, then the draws
     saved = json.loads((out / "eval.json").read_text())
     assert saved["eval_n"] == 6 and saved["eval_accuracy"] == result["eval_accuracy"]
     assert {"eval_pass@1", "eval_pass@2", "eval_pass@4", "eval_len_incorrect",
@@ -802,17 +920,18 @@ def test_eval_only_writes_accuracy_pass_at_k_and_lengths(tiny_dir, tmp_path):
 
 
 def write_run(folder: Path, algo: str, seed: int, steps: int = 5, wrong_slope: float = 3.0,
-              no_signal: float = 0.5) -> Path:
-    """A fake run folder: eval accuracy 0.2 + 0.05 step at even steps (on 10 problems), incorrect answers
-    80 + wrong_slope * step tokens long, a share no_signal of all-equal groups at every step."""
+              no_signal: float = 0.5, beta: float = 0.0, task: str = "arith", model: str = "smollm2") -> Path:
+    """A fake run folder: eval accuracy 0.2 + 0.05 step at even steps (on 10 problems; sampled pass@1 0.1
+    lower), incorrect answers 80 + wrong_slope * step tokens long, a share no_signal of all-equal groups at
+    every step."""
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"algo": algo, "loss_agg": "seq", "seed": seed,
-                                                    "task": "arith", "model": "smollm2",
-                                                    "prompts_per_step": 4}))
+    (folder / "config.json").write_text(json.dumps({"algo": algo, "loss_agg": "seq", "seed": seed, "beta": beta,
+                                                    "task": task, "model": model, "prompts_per_step": 4}))
     train = {"truncated_frac": 0.1, "zero_std_frac": no_signal}
     rows = [{"step": s, **({"reward_mean": 0.1 * s, "len_correct": 50 + s,
                             "len_incorrect": 80 + wrong_slope * s, **train} if s else {}),
-             **({"eval_accuracy": 0.2 + 0.05 * s, "eval_n": 10} if s % 2 == 0 else {})} for s in range(steps)]
+             **({"eval_accuracy": 0.2 + 0.05 * s, "eval_pass@1": 0.1 + 0.05 * s, "eval_n": 10}
+                if s % 2 == 0 else {})} for s in range(steps)]
     rows[1]["len_correct"] = None  # a step with no correct answer
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
@@ -850,14 +969,33 @@ def test_results_table_gives_cis_and_paired_differences(tmp_path, capsys):
     assert len(lines) == 4 and "on 10 test problems" in out
     grpo_acc, fisft_acc, grpo_len, fisft_len = ([c.strip() for c in line.split("|")[1:-1]] for line in
                                                  (lines[1], lines[0], lines[3], lines[2]))
-    assert grpo_acc[2] == "grpo" and grpo_acc[5:8] == ["0.200 ± 0.000", "0.400 ± 0.000", "0.200 ± 0.000"]
-    assert grpo_acc[8] == "(reference)" and fisft_acc[8] == "0.000 ± 0.000 [2 pairs]"
-    assert grpo_len[5] == "4.000 ± 12.706"  # slopes 3 and 5: mean 4, s = sqrt(2), t_1 = 12.706
-    assert fisft_len[5] == "2.000 ± 0.000" and fisft_len[10] == "-2.000 ± 12.706 [2 pairs]"  # 2 - 3, 2 - 5
+    assert grpo_acc[2] == "grpo" and grpo_acc[6:9] == ["0.200 ± 0.000", "0.400 ± 0.000", "0.200 ± 0.000"]
+    assert grpo_acc[9] == "(reference)" and fisft_acc[9] == "0.000 ± 0.000 [2 pairs]"
+    assert grpo_len[6] == "4.000 ± 12.706"  # slopes 3 and 5: mean 4, s = sqrt(2), t_1 = 12.706
+    assert fisft_len[6] == "2.000 ± 0.000" and fisft_len[11] == "-2.000 ± 12.706 [2 pairs]"  # 2 - 3, 2 - 5
     # 83, 85 -> 92, 100
-    assert grpo_len[6] == "84.000 ± 12.706 → 96.000 ± 50.824" and grpo_len[9] == "0.500 ± 0.000"
+    assert grpo_len[7] == "84.000 ± 12.706 → 96.000 ± 50.824" and grpo_len[10] == "0.500 ± 0.000"
     with pytest.raises(SystemExit):  # two runs of one seed cannot be paired
         rlino.main(["--table", runs[0], str(write_run(tmp_path / "again", "grpo", 0))])
+
+
+def test_results_table_puts_a_paper_row_in_the_papers_layout(tmp_path, capsys):
+    """--table over a paper row's runs: the paper's columns (GRPO with KL, without, F-ISFT+, F-ISFT+−,
+    F-ISFT−), its figures, and ours, greedy and sampled, in %; GRPO with and without KL are separate groups."""
+    row = dict(task="gsm8k-paper", model="Qwen/Qwen2.5-0.5B")
+    runs = [str(write_run(tmp_path / name, algo, seed, beta=beta, **row)) for name, algo, seed, beta in
+            [("kl0", "grpo", 0, 0.001), ("kl1", "grpo", 1, 0.001), ("nokl0", "grpo", 0, 0.0),
+             ("plus0", "fisft+", 0, 0.0)]]
+    rlino.main(["--table", *runs])
+    out = capsys.readouterr().out
+    assert "| model | task | final accuracy, % | GRPO | GRPO w/o KL | F-ISFT+ | F-ISFT+− | F-ISFT− |" in out
+    paper, greedy, sampled = ([c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines()
+                              if line.startswith("| Qwen2.5-0.5B | gsm8k-paper |"))
+    assert paper[2:] == ["the paper", "55.87", "55.19", "51.71", "55.72", "–"]
+    assert greedy[2:] == ["ours, greedy", "40.000 ± 0.000", "40.000 (n = 1)", "40.000 (n = 1)", "-", "-"]
+    assert sampled[3] == "30.000 ± 0.000"
+    grpo_rows = [line for line in out.splitlines() if line.startswith("| gsm8k-paper | Qwen2.5-0.5B | grpo |")]
+    assert len(grpo_rows) == 4 and "| 0.001 | 2 |" in grpo_rows[1]  # accuracy and length, beta 0 and 0.001
 
 
 def test_run_summary_says_when_most_groups_carry_no_signal(tmp_path):
@@ -1017,7 +1155,8 @@ BAD_FLAGS = [(["--lr", "nan"], "--lr"), (["--lr", "-1"], "--lr"), (["--lr", "inf
              (["--temperature", "nan"], "--temperature"), (["--clip-eps", "5"], "--clip-eps"),
              (["--format-reward", "1"], "--format-reward"),
              (["--max-new-tokens", "100000"], "--max-new-tokens"),
-             (["--weight-decay", "-1"], "--weight-decay"), (["--lr", "abc"], "--lr")]
+             (["--weight-decay", "-1"], "--weight-decay"), (["--lr", "abc"], "--lr"),
+             (["--eval-temperature", "nan"], "--eval-temperature"), (["--eval-top-p", "0"], "--eval-top-p")]
 
 
 @pytest.mark.parametrize("flags, named", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
@@ -1086,10 +1225,11 @@ def test_a_stop_ends_with_a_checkpoint_and_exit_3_and_at_the_last_step_finishes(
 
 
 def test_a_kill_while_the_model_is_written_is_finished_by_resume(finished_run):
-    """kill -9 while model/ was written (model.partial left, no eval.json): --resume writes model/ and
-    eval.json from the logged evaluation, without training or logging a step again."""
+    """kill -9 while model/ was written (model.partial left, no eval.json, no summary.json): --resume writes
+    model/ and eval.json from the logged evaluation, without training or logging a step again."""
     shutil.rmtree(finished_run / "model")
     (finished_run / "eval.json").unlink()
+    (finished_run / "summary.json").unlink()
     (finished_run / "model.partial").mkdir()
     before = (finished_run / "metrics.jsonl").read_text()
     rlino.main(["--resume", str(finished_run)])
@@ -1105,6 +1245,7 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_again(finished_run, ti
     shutil.rmtree(finished_run / "checkpoints")
     shutil.rmtree(finished_run / "model")
     (finished_run / "eval.json").unlink()
+    (finished_run / "summary.json").unlink()
     line = fails_with_one_line([*TINY_RUN, "--model", str(tiny_dir), "--out", str(finished_run)], capsys)
     assert f"--resume {finished_run}" in line
     rlino.main(["--resume", str(finished_run)])
@@ -1154,7 +1295,7 @@ def test_a_full_disk_while_saving_stops_with_one_line(tiny_dir, tmp_path, monkey
 
 
 class DiskFullsUp:
-    """A file opened for appending whose write puts part of the line on disk, then fails as a full disk does."""
+    """A file opened for appending whose write puts part of a line on disk, then fails as a full disk does."""
 
     def __init__(self, file):
         self.file = file
@@ -1414,6 +1555,39 @@ def test_run_sh_leaves_the_hub_reachable(tmp_path):
             == "HF_HUB_OFFLINE=unset rlino.py --algo grpo --task gsm8k --steps 1"), done.stderr
 
 
+def test_run_sh_paper_runs_the_papers_columns(tmp_path):
+    """./run.sh paper ROW (a stand-in python prints what run.sh hands it): GRPO with the paper's KL, GRPO
+    without, F-ISFT+, F-ISFT+− (and F-ISFT− on Countdown) on the row's model, task and bare prompts, evaluated
+    greedily and as the authors sampled; PAPER_MODEL replaces the model; finished runs are kept, stopped ones
+    resumed; then the table."""
+    python = tmp_path / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text('#!/bin/sh\necho "$*"\n')
+    python.chmod(0o755)
+
+    def paper(row: str, **env) -> list[str]:
+        done = subprocess.run([str(HERE / "run.sh"), "paper", row, "--steps", "1"], capture_output=True,
+                              text=True, timeout=60, env={**os.environ, "VENV": str(tmp_path / "venv"),
+                                                          "PAPER_DIR": str(tmp_path / "runs"), **env})
+        assert done.returncode == 0, done.stderr
+        return done.stdout.splitlines()
+
+    lines = paper("qwen05-gsm8k")
+    common = ("rlino.py --model Qwen/Qwen2.5-0.5B --task gsm8k-paper --prompt-format plain --eval-samples 1 "
+              "--eval-temperature 1.0 --eval-top-p 0.95 --steps 1 ")
+    runs = tmp_path / "runs" / "qwen05-gsm8k"
+    assert lines == [common + f"--beta 0.001 --out {runs}-grpo", common + f"--algo grpo --out {runs}-grpo-nokl",
+                     common + f"--algo fisft+ --out {runs}-fisft+", common + f"--algo fisft+- --out {runs}-fisft+-",
+                     f"rlino.py --table {runs}-grpo {runs}-grpo-nokl {runs}-fisft+ {runs}-fisft+-"]
+    for arm, done in (("grpo", "summary.json"), ("grpo-nokl", "config.json")):
+        (tmp_path / "runs" / f"qwen05-gsm8k-{arm}").mkdir(parents=True)
+        (tmp_path / "runs" / f"qwen05-gsm8k-{arm}" / done).write_text("{}")
+    again = paper("qwen05-gsm8k", PAPER_MODEL="tiny")
+    assert again[0] == f"rlino.py --resume {runs}-grpo-nokl" and "--model tiny " in again[1]
+    countdown = paper("qwen05-countdown")
+    assert len(countdown) == 6 and "--task countdown" in countdown[0] and "--algo fisft- " in countdown[4]
+
+
 def test_gsm8k_comes_from_the_hub_without_a_data_folder(tiny_dir, tmp_path, monkeypatch):
     """Without a data folder GSM8K comes from datasets.load_dataset('openai/gsm8k', 'main') (stubbed: the hub
     is out of reach in tests) and trains as from a local folder."""
@@ -1472,7 +1646,7 @@ rlino.main(sys.argv[1:])
 
 
 def one_and_two_processes(tiny_dir, tmp_path, args: list[str]) -> tuple[dict, dict]:
-    """The tiny run on one process and on 2 gloo ranks (DDP): each one's metrics lines and final parameters."""
+    """The tiny run on one process and on 2 gloo ranks (DDP): each one's metrics lines and last parameters."""
     launcher = tmp_path / "launch.py"
     launcher.write_text(LAUNCHER.format(here=str(HERE)))
     # even eval counts keep the rewards aligned
@@ -1490,7 +1664,8 @@ def one_and_two_processes(tiny_dir, tmp_path, args: list[str]) -> tuple[dict, di
     from transformers import AutoModelForCausalLM
     metrics = {n: [json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
                for n in ("one", "two")}
-    params = {n: AutoModelForCausalLM.from_pretrained(tmp_path / n / "model").state_dict() for n in ("one", "two")}
+    params = {n: AutoModelForCausalLM.from_pretrained(tmp_path / n / "model").state_dict()
+              for n in ("one", "two")}
     return metrics, params
 
 
