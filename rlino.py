@@ -106,9 +106,9 @@ class Config:
     prompt_format: str = arg("auto", "chat template or plain text (auto: chat if the tokenizer has one)",
                              ("auto", "chat", "plain"))
     stop_text: str = arg("\nUser:", "with plain prompts a completion also ends where this text appears, the "
-                         "start of a new turn, and what follows counts for nothing: by default a newline, then "
-                         "'User:' (in bash: $'\\nUser:'; '' = stop tokens only). Chat prompts end at the "
-                         "template's end-of-turn token")
+                         "start of a new turn, and what follows counts for nothing: by default a newline, "
+                         "then 'User:' (in bash: $'\\nUser:'; '' = stop tokens only). Chat prompts end at "
+                         "the template's end-of-turn token")
     # sampling and schedule (None = the device preset, see PRESETS)
     steps: int | None = arg(None, "training steps (one batch of rollouts each)")
     prompts_per_step: int | None = arg(None, "prompts per step (B), summed over all ranks")
@@ -204,6 +204,18 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and torch.cpu._is_avx512_bf16_supported())
 
 
+RANGES = {  # the allowed values of the numeric flags, checked by resolve_config
+    "at least 1": (lambda v: v >= 1, "steps prompts_per_step group_size sample_batch max_new_tokens "
+                                     "micro_batch ppo_epochs eval_batch keep_checkpoints max_nonfinite"),
+    "at least 0": (lambda v: v >= 0, "warmup_steps weight_decay beta eval_size eval_samples eval_every "
+                                     "save_every log_samples temperature eval_temperature"),
+    "> 0": (lambda v: v > 0, "lr max_grad_norm"),
+    "in (0, 1)": (lambda v: 0 < v < 1, "clip_eps clip_eps_high"),
+    "in (0, 1]": (lambda v: 0 < v <= 1, "top_p eval_top_p"),
+    "in [0, 1) (1 is the reward of a correct answer)": (lambda v: 0 <= v < 1, "format_reward"),
+    "in [0, 2^32)": (lambda v: 0 <= v < 2**32, "seed")}
+
+
 def resolve_config(cfg: Config, device: torch.device) -> Config:
     """Fill the unset fields from the device preset, then check the values against each other."""
     preset = PRESETS["cuda" if device.type == "cuda" else "cpu"]
@@ -214,31 +226,14 @@ def resolve_config(cfg: Config, device: torch.device) -> Config:
     for name in ("dtype", "sampler_dtype"):
         if getattr(cfg, name) == "auto":
             setattr(cfg, name, "bfloat16" if native_bf16(device) else "float32")
-    ranges = [(name, lambda v: v >= 1, "at least 1") for name in (
-        "steps", "prompts_per_step", "group_size", "sample_batch", "max_new_tokens", "micro_batch",
-        "ppo_epochs", "eval_batch", "keep_checkpoints", "max_nonfinite")]
-    ranges += [(name, lambda v: v >= 0, "at least 0") for name in (
-        "warmup_steps", "weight_decay", "beta", "eval_size", "eval_samples", "eval_every", "save_every",
-        "log_samples")]
-    ranges += [("lr", lambda v: v > 0, "> 0"), ("max_grad_norm", lambda v: v > 0, "> 0"),
-               ("clip_eps", lambda v: 0 < v < 1, "in (0, 1)"),
-               ("clip_eps_high", lambda v: 0 < v < 1, "in (0, 1)"),
-               ("seed", lambda v: 0 <= v < 2**32, "in [0, 2^32)")]
-    for name, within, what in ranges:
-        value = getattr(cfg, name)
-        if not (math.isfinite(value) and within(value)):
-            raise UsageError(f"--{name.replace('_', '-')} must be finite and {what}, got {value}")
-    for temperature, top_p in (("temperature", "top_p"), ("eval_temperature", "eval_top_p")):
-        if not (math.isfinite(getattr(cfg, temperature)) and getattr(cfg, temperature) >= 0) or \
-                not 0 < getattr(cfg, top_p) <= 1:
-            raise UsageError(f"--{temperature.replace('_', '-')} must be finite and >= 0, and "
-                             f"--{top_p.replace('_', '-')} in (0, 1]")
+    for what, (within, names) in RANGES.items():
+        for name in names.split():
+            value = getattr(cfg, name)
+            if not (math.isfinite(value) and within(value)):
+                raise UsageError(f"--{name.replace('_', '-')} must be finite and {what}, got {value}")
     if not cfg.eval_only and cfg.temperature < 1e-3:
         raise UsageError(f"--temperature {cfg.temperature} cannot train: the G samples of a group would be "
                          "(nearly) equal; use >= 1e-3 (0 = greedy, for evaluation only)")
-    if not 0 <= cfg.format_reward < 1:
-        raise UsageError(f"--format-reward must lie in [0, 1) (1 is the reward of a correct answer), "
-                         f"got {cfg.format_reward}")
     if cfg.group_size < 2 and not cfg.eval_only:
         raise UsageError("--group-size must be at least 2: advantages compare samples within a group")
     return cfg
@@ -1268,11 +1263,15 @@ def close_wandb(run) -> None:
     wandb.teardown()
 
 
-def fitting(task, examples: list[dict], tokenizer, cfg: Config, context: int | None,
-            split: str) -> list[dict]:
-    """The examples whose prompt plus --max-new-tokens fit in the model's context; the others are skipped with
-    a count. A prompt has at most as many tokens as bytes, plus its template's: only long ones are encoded."""
-    room = (context or 0) - cfg.max_new_tokens
+def fitting(task, examples: list[dict], tokenizer, model, cfg: Config, split: str) -> list[dict]:
+    """The examples whose prompt plus --max-new-tokens fit in the model's context (when its config gives
+    one); the others are skipped with a count. A prompt has at most as many tokens as bytes, plus its
+    template's: only long ones are encoded."""
+    context = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None) or 0
+    room = context - cfg.max_new_tokens
+    if context and room <= 0:
+        raise UsageError(f"--max-new-tokens {cfg.max_new_tokens} does not fit in the model's context of "
+                         f"{context} tokens")
     suspects = [i for i, ex in enumerate(examples)
                 if context and len(task.instruction(ex).encode()) + 256 > room]
     prompts = encode_prompts(task, [examples[i] for i in suspects], tokenizer, cfg.prompt_format)
@@ -1287,15 +1286,6 @@ def fitting(task, examples: list[dict], tokenizer, cfg: Config, context: int | N
     return kept
 
 
-def context_length(model, cfg: Config) -> int | None:
-    """The model's context in tokens (None if its config does not say); --max-new-tokens must fit in it."""
-    context = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
-    if context and cfg.max_new_tokens >= context:
-        raise UsageError(f"--max-new-tokens {cfg.max_new_tokens} does not fit in the model's context of "
-                         f"{context} tokens")
-    return context
-
-
 def start_run(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: int) -> Run:
     """Data, models and optimizer; config.json written (a resumed run records its new --steps), and the newest
     checkpoint restored for --resume, with the logs cut back to its step (without one, from step 0)."""
@@ -1308,9 +1298,8 @@ def start_run(cfg: Config, run_dir: Path, device: torch.device, rank: int, world
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     model, tokenizer = load_model(cfg.model, device)
-    context = context_length(model, cfg)
-    train_set = fitting(task, train_set, tokenizer, cfg, context, "train")
-    eval_set = fitting(task, test_set[:cfg.eval_size or None], tokenizer, cfg, context, "test")
+    train_set = fitting(task, train_set, tokenizer, model, cfg, "train")
+    eval_set = fitting(task, test_set[:cfg.eval_size or None], tokenizer, model, cfg, "test")
     ref_model = load_model(cfg.model, device)[0].eval().requires_grad_(False) if cfg.beta > 0 else None
     if cfg.grad_ckpt:
         model.activation_checkpointing_enable()  # transformers 5's name of gradient checkpointing
@@ -1555,7 +1544,7 @@ def eval_only(cfg: Config, device: torch.device, rank: int, world: int) -> dict:
     task = tasks.get_task(cfg.task)
     model, tokenizer = load_model(cfg.model, device)
     test_set = task.load("test", data_dir=cfg.data_dir)[:cfg.eval_size or None]
-    eval_set = fitting(task, test_set, tokenizer, cfg, context_length(model, cfg), "test")
+    eval_set = fitting(task, test_set, tokenizer, model, cfg, "test")
     torch.manual_seed(cfg.seed)
     with run_dir_lock(out, active=rank == 0):
         result = evaluate(model, tokenizer, task, eval_set, cfg, stop_ids=stop_token_ids(tokenizer, model),
@@ -1680,9 +1669,9 @@ def run_record(run: str, rows: list[dict]) -> dict:
             "signal": float(np.mean([1 - r["zero_std_frac"] for r in steps]))}
 
 
-# The paper's table (arXiv 2505.13697 v4, final test accuracy in %, as its summaries give it: ../shared/PAPER.md)
-# by (model, benchmark), one figure per column of PAPER_ARMS; None where the paper has none. F-ISFT-'s 0.00 on
-# Countdown is given without the model: we put it in both rows.
+# The paper's table (arXiv 2505.13697 v4, final test accuracy in %, as its summaries give it, see PAPER.md in
+# the project's shared notes) by (model, benchmark), one figure per column of PAPER_ARMS; None where the paper
+# has none. F-ISFT-'s 0.00 on Countdown is given without the model: we put it in both rows.
 PAPER_ARMS = ("GRPO", "GRPO w/o KL", "F-ISFT+", "F-ISFT+−", "F-ISFT−")
 PAPER_TABLE = {("Qwen2.5-0.5B", "gsm8k"): (55.87, 55.19, 51.71, 55.72, None),
                ("Qwen2.5-1.5B", "gsm8k"): (78.24, 76.87, 74.98, 76.37, None),
@@ -1747,7 +1736,8 @@ def results_table(run_dirs: list[str]) -> str:
             arms[paper_arm(algo, beta)] += list(runs.values()) if agg == "seq" else []
         figures = PAPER_TABLE.get((Path(model).name, task.removesuffix("-paper")), (None,) * len(PAPER_ARMS))
         head = f"| {Path(model).name} | {task} | "
-        paper.append(head + "the paper | " + " | ".join("–" if f is None else f"{f:.2f}" for f in figures) + " |")
+        paper.append(head + "the paper | " + " | ".join("–" if f is None else f"{f:.2f}" for f in figures)
+                     + " |")
         for what, key in (("ours, greedy", "end"), ("ours, sampled (pass@1)", "sampled")):
             paper.append(head + what + " | " + " | ".join(mean_ci([None if r[key] is None else 100 * r[key]
                                                                    for r in arms[arm]]) for arm in PAPER_ARMS)
@@ -1757,8 +1747,8 @@ def results_table(run_dirs: list[str]) -> str:
             "of the 95 % CI over seeds (Student's t); paired: the difference to the GRPO-seq run of the same "
             "seed.\n\n")
     paper_note = ("\n\nIn the paper's layout (seq runs; GRPO with beta > 0 is its GRPO column): the last "
-                  "evaluation, greedy and with --eval-samples (the authors sampled one answer at T 1.0, top-p "
-                  "0.95); F-ISFT+− is GRPO without KL in another form (the same update).\n")
+                  "evaluation, greedy and with --eval-samples (the authors sampled one answer at T 1.0, "
+                  "top-p 0.95); F-ISFT+− is GRPO without KL in another form (the same update).\n")
     return "\n".join(accuracy) + note + "\n".join(length) + "\n\n" + "\n".join(paper) + paper_note
 
 

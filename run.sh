@@ -45,18 +45,22 @@ case "${1:-}" in
     "$VENV/bin/python" rlino.py --table "${runs[@]}" | tee "$out/$1.md"
     "$VENV/bin/python" rlino.py --plot "${runs[@]}" --out "$out/$1.png" ;;
   paper|paper-length)  # on a GPU, the cuda preset (= the paper's settings); ROW is a row of the paper's table:
-    # paper ROW: the paper's columns one after the other into ${PAPER_DIR:-runs/paper}/<row>-<arm>: GRPO with its
-    # KL (beta 0.001, k3), GRPO without KL, F-ISFT+, F-ISFT+- (the same update as GRPO without KL: the identity's
-    # check on real hardware), and F-ISFT- on Countdown, where the paper has it; finished runs are kept.
+    # paper ROW: the paper's columns one after the other into ${PAPER_DIR:-runs/paper}/<row>-<arm>: GRPO with
+    # its KL (beta 0.001, k3), GRPO without KL, F-ISFT+, F-ISFT+- (the same update as GRPO without KL: the
+    # identity's check on real hardware), and F-ISFT- on Countdown, where the paper has it.
+    # Finished runs are kept, stopped ones resumed.
     # paper-length ROW: the length experiment at the paper's scale, GRPO with --loss-agg seq, token, const on
     # seeds ${SEEDS:-0 1 2}, into ${PAPER_DIR:-runs/paper}/<row>-grpo-<agg>-s<seed>.
     # PAPER_MODEL replaces the row's model (a dry run on a CPU: PAPER_MODEL=some/tiny-model ... --steps 1).
-    declare -A rows=(  # model, task, prompt format: the authors gave every model the bare prompt text (README)
-      [qwen05-gsm8k]="Qwen/Qwen2.5-0.5B gsm8k-paper plain"   [qwen15-gsm8k]="Qwen/Qwen2.5-1.5B gsm8k-paper plain"
-      [qwen05-countdown]="Qwen/Qwen2.5-0.5B countdown plain" [qwen15-countdown]="Qwen/Qwen2.5-1.5B countdown plain"
+    declare -A rows=(  # model, task, prompt format: the authors gave every model the bare prompt (README)
+      [qwen05-gsm8k]="Qwen/Qwen2.5-0.5B gsm8k-paper plain"
+      [qwen15-gsm8k]="Qwen/Qwen2.5-1.5B gsm8k-paper plain"
+      [qwen05-countdown]="Qwen/Qwen2.5-0.5B countdown plain"
+      [qwen15-countdown]="Qwen/Qwen2.5-1.5B countdown plain"
       [llama1b-gsm8k]="meta-llama/Llama-3.2-1B-Instruct gsm8k-paper plain"
       [llama3b-gsm8k]="meta-llama/Llama-3.2-3B-Instruct gsm8k-paper plain"
-      [qwen05-math]="Qwen/Qwen2.5-0.5B math-paper plain"     [qwen15-math]="Qwen/Qwen2.5-1.5B math-paper plain")
+      [qwen05-math]="Qwen/Qwen2.5-0.5B math-paper plain"
+      [qwen15-math]="Qwen/Qwen2.5-1.5B math-paper plain")
     row=${2:-}
     if [ -z "$row" ] || [ -z "${rows[$row]:-}" ]; then
       echo "usage: ./run.sh $1 ROW [extra arguments]; ROW is one of: ${!rows[*]}"; exit 2
@@ -73,7 +77,9 @@ case "${1:-}" in
       for arm in "${arms[@]}"; do runs+=("$root/$row-${arm%%:*} ${arm#*:}"); done
     else
       for seed in ${SEEDS:-0 1 2}; do
-        for agg in seq token const; do runs+=("$root/$row-grpo-$agg-s$seed --loss-agg $agg --seed $seed"); done
+        for agg in seq token const; do
+          runs+=("$root/$row-grpo-$agg-s$seed --loss-agg $agg --seed $seed")
+        done
       done
     fi
     dirs=()

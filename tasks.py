@@ -705,7 +705,7 @@ class ArithReason(Arith):
         return f"{example['question']} {BOXED_INSTRUCTION}"
 
 
-# ------------------------------------------------------------------------------ the paper's prompts (GPU rows)
+# ----------------------------------------------------------------------------- the paper's prompts (GPU rows)
 class AsThePaper:
     """A benchmark posed as the paper's authors posed it: the question, then PAPER_INSTRUCTION, as the bare
     prompt text (their verl scripts give no template, no preamble), scored on the last \\boxed{} alone."""

@@ -39,11 +39,12 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
 # Llama 3.2's template in short: a system header that writes today's date unless date_string is given, turns
 # that end with <|eot_id|>
 LLAMA3_TEMPLATE = ("{{ bos_token }}{% if date_string is not defined %}{% if strftime_now is defined %}"
-                   "{% set date_string = strftime_now('%d %b %Y') %}{% else %}{% set date_string = '26 Jul 2024' %}"
-                   "{% endif %}{% endif %}<|start_header_id|>system<|end_header_id|>\n\nToday Date: "
-                   "{{ date_string }}<|eot_id|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}"
-                   "<|end_header_id|>\n\n{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
-                   "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+                   "{% set date_string = strftime_now('%d %b %Y') %}"
+                   "{% else %}{% set date_string = '26 Jul 2024' %}{% endif %}{% endif %}"
+                   "<|start_header_id|>system<|end_header_id|>\n\nToday Date: {{ date_string }}<|eot_id|>"
+                   "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                   "{{ m['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+                   "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
 # Tokenizers built like the real ones (special tokens, bos, eos, chat template): the embedded SmolLM2's EOS is
 # its end of turn; a Qwen2.5 base model's EOS is <|endoftext|> while its template ends a turn with <|im_end|>;
 # Llama 3 stops at <|end_of_text|> and ends a turn with <|eot_id|>.
@@ -87,8 +88,8 @@ def make_tiny_model(folder: Path, seed: int = 0, layers: int = 2, flavour: str =
 @torch.no_grad()
 def always_emits(model, token_id: int) -> None:
     """Rig a tiny Llama (untied head) so that its next token is always token_id, by a margin of hundreds of
-    logits: hidden unit 0 holds a constant that no layer changes, the final norm keeps only that unit, and only
-    token_id's row of the head reads it."""
+    logits: hidden unit 0 holds a constant that no layer changes, the final norm keeps only that unit, and
+    only token_id's row of the head reads it."""
     model.get_input_embeddings().weight[:, 0] = 100.0
     for layer in model.model.layers:
         layer.self_attn.o_proj.weight[0] = 0.0
@@ -798,7 +799,8 @@ def test_a_completion_ends_where_the_model_ends_its_turn(flavour, tmp_path, monk
 def test_llama3_prompts_do_not_carry_todays_date(tmp_path):
     """Llama 3's template writes today's date unless told one: rlino tells it a fixed one, so that a run gives
     the same prompts on any day."""
-    _, tokenizer = rlino.load_model(str(make_tiny_model(tmp_path / "m", flavour="llama3")), torch.device("cpu"))
+    _, tokenizer = rlino.load_model(str(make_tiny_model(tmp_path / "m", flavour="llama3")),
+                                    torch.device("cpu"))
     task = tasks.get_task("arith")
     prompt = tokenizer.decode(rlino.encode_prompts(task, task.load("test", limit=1), tokenizer, "auto")[0])
     assert prompt.startswith("<|begin_of_text|><|start_header_id|>system")
@@ -826,7 +828,8 @@ def test_plain_prompts_end_at_the_stop_text_and_what_follows_counts_for_nothing(
         n = int(rollout.lengths[row])
         assert rollout.completion_ids[row, :n].tolist() == free[row, :n].tolist()
         row_text = tokenizer.decode(free[row, :n])
-        assert bool(rollout.truncated[row]) == (stop_text not in row_text) and rollout.completion_mask[row].sum() == n
+        assert bool(rollout.truncated[row]) == (stop_text not in row_text)
+        assert rollout.completion_mask[row].sum() == n
     assert rlino.completion_stop_text(tokenizer, resolved(prompt_format="plain")) == "\nUser:"
     assert rlino.completion_stop_text(tokenizer, resolved(prompt_format="auto")) == ""
 
@@ -925,8 +928,9 @@ def write_run(folder: Path, algo: str, seed: int, steps: int = 5, wrong_slope: f
     lower), incorrect answers 80 + wrong_slope * step tokens long, a share no_signal of all-equal groups at
     every step."""
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"algo": algo, "loss_agg": "seq", "seed": seed, "beta": beta,
-                                                    "task": task, "model": model, "prompts_per_step": 4}))
+    (folder / "config.json").write_text(json.dumps({"algo": algo, "loss_agg": "seq", "seed": seed,
+                                                    "beta": beta, "task": task, "model": model,
+                                                    "prompts_per_step": 4}))
     train = {"truncated_frac": 0.1, "zero_std_frac": no_signal}
     rows = [{"step": s, **({"reward_mean": 0.1 * s, "len_correct": 50 + s,
                             "len_incorrect": 80 + wrong_slope * s, **train} if s else {}),
@@ -981,20 +985,22 @@ def test_results_table_gives_cis_and_paired_differences(tmp_path, capsys):
 
 def test_results_table_puts_a_paper_row_in_the_papers_layout(tmp_path, capsys):
     """--table over a paper row's runs: the paper's columns (GRPO with KL, without, F-ISFT+, F-ISFT+−,
-    F-ISFT−), its figures, and ours, greedy and sampled, in %; GRPO with and without KL are separate groups."""
+    F-ISFT−), its figures, and ours, greedy and sampled, in %; GRPO with and without KL are separate
+    groups."""
     row = dict(task="gsm8k-paper", model="Qwen/Qwen2.5-0.5B")
     runs = [str(write_run(tmp_path / name, algo, seed, beta=beta, **row)) for name, algo, seed, beta in
             [("kl0", "grpo", 0, 0.001), ("kl1", "grpo", 1, 0.001), ("nokl0", "grpo", 0, 0.0),
              ("plus0", "fisft+", 0, 0.0)]]
     rlino.main(["--table", *runs])
     out = capsys.readouterr().out
-    assert "| model | task | final accuracy, % | GRPO | GRPO w/o KL | F-ISFT+ | F-ISFT+− | F-ISFT− |" in out
+    header = "| model | task | final accuracy, % | GRPO | GRPO w/o KL | F-ISFT+ | F-ISFT+− | F-ISFT− |"
+    assert header in out
     paper, greedy, sampled = ([c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines()
                               if line.startswith("| Qwen2.5-0.5B | gsm8k-paper |"))
     assert paper[2:] == ["the paper", "55.87", "55.19", "51.71", "55.72", "–"]
     assert greedy[2:] == ["ours, greedy", "40.000 ± 0.000", "40.000 (n = 1)", "40.000 (n = 1)", "-", "-"]
     assert sampled[3] == "30.000 ± 0.000"
-    grpo_rows = [line for line in out.splitlines() if line.startswith("| gsm8k-paper | Qwen2.5-0.5B | grpo |")]
+    grpo_rows = [x for x in out.splitlines() if x.startswith("| gsm8k-paper | Qwen2.5-0.5B | grpo |")]
     assert len(grpo_rows) == 4 and "| 0.001 | 2 |" in grpo_rows[1]  # accuracy and length, beta 0 and 0.001
 
 
@@ -1557,9 +1563,9 @@ def test_run_sh_leaves_the_hub_reachable(tmp_path):
 
 def test_run_sh_paper_runs_the_papers_columns(tmp_path):
     """./run.sh paper ROW (a stand-in python prints what run.sh hands it): GRPO with the paper's KL, GRPO
-    without, F-ISFT+, F-ISFT+− (and F-ISFT− on Countdown) on the row's model, task and bare prompts, evaluated
-    greedily and as the authors sampled; PAPER_MODEL replaces the model; finished runs are kept, stopped ones
-    resumed; then the table."""
+    without, F-ISFT+, F-ISFT+− (and F-ISFT− on Countdown) on the row's model, task and bare prompts,
+    evaluated greedily and as the authors sampled; PAPER_MODEL replaces the model; finished runs are kept,
+    stopped ones resumed; then the table."""
     python = tmp_path / "venv" / "bin" / "python"
     python.parent.mkdir(parents=True)
     python.write_text('#!/bin/sh\necho "$*"\n')
@@ -1576,8 +1582,10 @@ def test_run_sh_paper_runs_the_papers_columns(tmp_path):
     common = ("rlino.py --model Qwen/Qwen2.5-0.5B --task gsm8k-paper --prompt-format plain --eval-samples 1 "
               "--eval-temperature 1.0 --eval-top-p 0.95 --steps 1 ")
     runs = tmp_path / "runs" / "qwen05-gsm8k"
-    assert lines == [common + f"--beta 0.001 --out {runs}-grpo", common + f"--algo grpo --out {runs}-grpo-nokl",
-                     common + f"--algo fisft+ --out {runs}-fisft+", common + f"--algo fisft+- --out {runs}-fisft+-",
+    assert lines == [common + f"--beta 0.001 --out {runs}-grpo",
+                     common + f"--algo grpo --out {runs}-grpo-nokl",
+                     common + f"--algo fisft+ --out {runs}-fisft+",
+                     common + f"--algo fisft+- --out {runs}-fisft+-",
                      f"rlino.py --table {runs}-grpo {runs}-grpo-nokl {runs}-fisft+ {runs}-fisft+-"]
     for arm, done in (("grpo", "summary.json"), ("grpo-nokl", "config.json")):
         (tmp_path / "runs" / f"qwen05-gsm8k-{arm}").mkdir(parents=True)
