@@ -8,7 +8,7 @@ ones, lower that of the wrong ones (F-ISFT+-). The objectives are written out at
 
 Run it:
     python rlino.py --algo grpo --task gsm8k                    # offline, embedded SmolLM2-135M, CPU preset
-    python rlino.py --algo fisft+- --task countdown --model Qwen/Qwen2.5-0.5B-Instruct   # paper preset, CUDA
+    python rlino.py --algo fisft+- --task countdown --model Qwen/Qwen2.5-0.5B --prompt-format plain  # CUDA
     torchrun --nproc_per_node 8 rlino.py --algo grpo --task gsm8k --model ...          # one node, 8 GPUs
     python rlino.py --eval-only --model runs/gsm8k-grpo-.../model --task gsm8k --eval-samples 8
     python rlino.py --resume runs/gsm8k-grpo-...                  # continue an interrupted run
@@ -28,7 +28,7 @@ The file reads top to bottom in the order data flows, one banner per section:
     checkpoints  atomic save, exact resume, Ctrl-C / SIGTERM
     training     the loop: sample -> score -> advantages -> optimise -> refresh -> log
     main         the command line
-    reading runs tables and plots of run folders
+    reading runs tables of run folders (also in the paper's layout, beside its figures) and plots
 """
 from __future__ import annotations
 

@@ -26,6 +26,8 @@ laid out as <dir>/<task>/<split>.jsonl is used when given; otherwise the Hugging
                                               train: always generated offline, disjoint from the test set
   arith      question, answer ("21")          synthetic sums and differences of 1..20 ("What is 13 + 8?"),
                                               offline
+  gsm8k-paper, math-paper                     the data of gsm8k and math, posed as the paper's authors posed
+                                              them: their prompt, the last \boxed{} alone scored
 
 The verifiers fail closed: they never raise, never evaluate model text as code (no eval/exec), and return
 within about a second whatever the text. MATH answers are compared as normalised strings, then by value with a
