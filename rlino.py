@@ -653,23 +653,18 @@ def sampler_generator(seed: int, step: int, chunk: int, device: torch.device) ->
 
 
 def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
-    """One rollout from several sampler calls: prompts left-padded, completions right-padded, to common
-    widths."""
-    P = max(r.prompt_ids.shape[1] for r in parts)
-    T = max(r.completion_ids.shape[1] for r in parts)
+    """One rollout from several sampler calls: prompts left-padded, completions right-padded (ids with pad_id,
+    masks with 0), to common widths."""
+    def joined(name: str) -> torch.Tensor:
+        tensors = [getattr(r, name) for r in parts]
+        if tensors[0].dim() == 1:                                            # (n,) per-row values
+            return torch.cat(tensors)
+        width, value = max(x.shape[1] for x in tensors), pad_id if name.endswith("_ids") else 0
+        sides = [(width - x.shape[1], 0) if name.startswith("prompt") else (0, width - x.shape[1])
+                 for x in tensors]
+        return torch.cat([F.pad(x, side, value=value) for x, side in zip(tensors, sides)])
 
-    def left(x: torch.Tensor, value: int = 0) -> torch.Tensor:
-        return F.pad(x, (P - x.shape[1], 0), value=value)
-
-    def right(x: torch.Tensor, value: int = 0) -> torch.Tensor:
-        return F.pad(x, (0, T - x.shape[1]), value=value)
-
-    return Rollout(torch.cat([left(r.prompt_ids, pad_id) for r in parts]),
-                   torch.cat([left(r.prompt_mask) for r in parts]),
-                   torch.cat([right(r.completion_ids, pad_id) for r in parts]),
-                   torch.cat([right(r.completion_mask) for r in parts]),
-                   torch.cat([r.lengths for r in parts]), torch.cat([r.truncated for r in parts]),
-                   torch.cat([r.entropy for r in parts]))
+    return Rollout(**{f.name: joined(f.name) for f in dataclasses.fields(Rollout)})
 
 
 def collect_rollouts(model, tokenizer, task, examples: list[dict], cfg: Config, *, step: int,
@@ -1672,20 +1667,14 @@ def run_record(run: str, rows: list[dict]) -> dict:
 # The paper's table (arXiv 2505.13697 v4, final test accuracy in %, as its summaries give it, see PAPER.md in
 # the project's shared notes) by (model, benchmark), one figure per column of PAPER_ARMS; None where the paper
 # has none. F-ISFT-'s 0.00 on Countdown is given without the model: we put it in both rows.
-PAPER_ARMS = ("GRPO", "GRPO w/o KL", "F-ISFT+", "F-ISFT+−", "F-ISFT−")
+PAPER_ARMS = {("grpo", True): "GRPO", ("grpo", False): "GRPO w/o KL", ("fisft+", False): "F-ISFT+",
+              ("fisft+-", False): "F-ISFT+−", ("fisft-", False): "F-ISFT−"}  # (algo, GRPO's KL on): column
 PAPER_TABLE = {("Qwen2.5-0.5B", "gsm8k"): (55.87, 55.19, 51.71, 55.72, None),
                ("Qwen2.5-1.5B", "gsm8k"): (78.24, 76.87, 74.98, 76.37, None),
                ("Qwen2.5-0.5B", "countdown"): (37.73, 42.43, 44.01, 37.86, 0.00),
                ("Qwen2.5-1.5B", "countdown"): (71.43, 70.82, 53.57, 65.89, 0.00),
                ("Llama-3.2-1B-Instruct", "gsm8k"): (62.01, None, 57.31, 63.07, None),
                ("Llama-3.2-3B-Instruct", "gsm8k"): (84.59, None, 81.95, 83.54, None)}
-
-
-def paper_arm(algo: str, beta: float) -> str:
-    """The paper's column of a run: GRPO with or without its KL penalty, or an F-ISFT variant."""
-    if algo == "grpo":
-        return "GRPO" if beta > 0 else "GRPO w/o KL"
-    return {"fisft+": "F-ISFT+", "fisft+-": "F-ISFT+−", "fisft-": "F-ISFT−"}[algo]
 
 
 def results_table(run_dirs: list[str]) -> str:
@@ -1729,19 +1718,18 @@ def results_table(run_dirs: list[str]) -> str:
                                          mean_ci([r["truncated"] for r in records]),
                                          mean_ci([r["signal"] for r in records]),
                                          paired(task, model, runs, "slope_wrong")]) + " |")
-    paper = [f"| model | task | final accuracy, % | {' | '.join(PAPER_ARMS)} |", "|" + " --- |" * 8]
+    paper = [f"| model | task | final accuracy, % | {' | '.join(PAPER_ARMS.values())} |", "|" + " --- |" * 8]
     for task, model in sorted({key[:2] for key in groups}):
-        arms = {arm: [] for arm in PAPER_ARMS}  # the seq runs of each column
-        for (_, _, algo, agg, beta), runs in ((k, v) for k, v in groups.items() if k[:2] == (task, model)):
-            arms[paper_arm(algo, beta)] += list(runs.values()) if agg == "seq" else []
-        figures = PAPER_TABLE.get((Path(model).name, task.removesuffix("-paper")), (None,) * len(PAPER_ARMS))
-        head = f"| {Path(model).name} | {task} | "
-        paper.append(head + "the paper | " + " | ".join("–" if f is None else f"{f:.2f}" for f in figures)
-                     + " |")
+        arms = {arm: [] for arm in PAPER_ARMS.values()}  # the seq runs of each column
+        for (t, m, algo, agg, beta), runs in groups.items():
+            if (t, m, agg) == (task, model, "seq"):
+                arms[PAPER_ARMS[algo, algo == "grpo" and beta > 0]] += runs.values()
+        figures = PAPER_TABLE.get((Path(model).name, task.removesuffix("-paper")), (None,) * len(arms))
+        rows = {"the paper": ["–" if f is None else f"{f:.2f}" for f in figures]}
         for what, key in (("ours, greedy", "end"), ("ours, sampled (pass@1)", "sampled")):
-            paper.append(head + what + " | " + " | ".join(mean_ci([None if r[key] is None else 100 * r[key]
-                                                                   for r in arms[arm]]) for arm in PAPER_ARMS)
-                         + " |")
+            rows[what] = [mean_ci([100 * r[key] for r in runs if r[key] is not None]) for runs in arms.values()]
+        paper += [f"| {Path(model).name} | {task} | {what} | " + " | ".join(cells) + " |"
+                  for what, cells in rows.items()]
     n_eval = sorted({r["eval_n"] for runs in groups.values() for r in runs.values()})
     note = (f"\n\nEval accuracy: greedy, on {'/'.join(map(str, n_eval))} test problems. Mean ± half-width "
             "of the 95 % CI over seeds (Student's t); paired: the difference to the GRPO-seq run of the same "
