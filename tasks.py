@@ -26,8 +26,9 @@ laid out as <dir>/<task>/<split>.jsonl is used when given; otherwise the Hugging
                                               train: always generated offline, disjoint from the test set
   arith      question, answer ("21")          synthetic sums and differences of 1..20 ("What is 13 + 8?"),
                                               offline
-  gsm8k-paper, math-paper                     the data of gsm8k and math, posed as the paper's authors posed
-                                              them: their prompt, the last \boxed{} alone scored
+  gsm8k-paper, math-paper                     the data of gsm8k and math with the prompt of the paper's
+                                              authors (known for GSM8K; for MATH their repository's, whose use
+                                              is unknown), the last \boxed{} alone scored
 
 The verifiers fail closed: they never raise, never evaluate model text as code (no eval/exec), and return
 within about a second whatever the text. MATH answers are compared as normalised strings, then by value with a
@@ -730,7 +731,8 @@ class GSM8KPaper(AsThePaper, GSM8K):
 
 
 class MATHPaper(AsThePaper, MATH):
-    """MATH as in the paper's prompt (MATH's verifier already reads the last \\boxed{} alone)."""
+    """MATH with the same sentence: the MATH preprocessing in the authors' repository (verl's, unchanged);
+    whether the paper used it is unknown. MATH's verifier already reads the last \\boxed{} alone."""
 
     name, question_field = "math-paper", "problem"
 

@@ -770,16 +770,24 @@ END_OF_TURN = {"smollm2": "<|im_end|>", "qwen2.5-base": "<|im_end|>", "llama3": 
 
 @pytest.mark.parametrize("flavour", list(FLAVOURS))
 def test_stop_tokens_are_eos_and_the_templates_end_of_turn(flavour, tmp_path):
-    """stop_token_ids: the tokenizer's EOS first (it pads), and the token the chat template ends a turn with,
-    found from the template, also where it is not the EOS (Qwen2.5 base, Llama 3)."""
+    """stop_token_ids: the tokenizer's EOS first (it pads), and with chat prompts the token the chat template
+    ends a turn with, found from the template, also where it is not the EOS (Qwen2.5 base, Llama 3); plain
+    prompts end a turn with --stop-text instead. Whitespace before the end of turn is skipped; a template that
+    refuses the probe, or writes no special token after the message, gives none."""
     model, tokenizer = rlino.load_model(str(make_tiny_model(tmp_path / flavour, flavour=flavour)),
                                         torch.device("cpu"))
-    stop = rlino.stop_token_ids(tokenizer, model)
-    assert stop[0] == tokenizer.eos_token_id
-    assert tokenizer.convert_tokens_to_ids(END_OF_TURN[flavour]) in stop
-    assert rlino.end_of_turn_ids(tokenizer) == [tokenizer.convert_tokens_to_ids(END_OF_TURN[flavour])]
-    tokenizer.chat_template = None
-    assert rlino.end_of_turn_ids(tokenizer) == []
+    end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN[flavour])
+    chat, plain = (rlino.stop_token_ids(tokenizer, model, fmt) for fmt in ("chat", "plain"))
+    assert chat[0] == plain[0] == tokenizer.eos_token_id and end_of_turn in chat
+    assert (end_of_turn in plain) == (end_of_turn == tokenizer.eos_token_id)
+    assert rlino.end_of_turn_ids(tokenizer) == [end_of_turn]
+    whitespace_first = "{% for m in messages %}{{ m['content'] }}\n " + END_OF_TURN[flavour] + "{% endfor %}"
+    tokenizer.chat_template = whitespace_first
+    assert rlino.end_of_turn_ids(tokenizer) == [end_of_turn]
+    for template in ("{{ raise_exception('the last message must be the user\\'s') }}",
+                     "{% for m in messages %}{{ m['content'] }}\n\n{% endfor %}", None):
+        tokenizer.chat_template = template
+        assert rlino.end_of_turn_ids(tokenizer) == [], template
 
 
 @pytest.mark.parametrize("flavour", ["qwen2.5-base", "llama3"])
@@ -787,9 +795,14 @@ def test_a_completion_ends_where_the_model_ends_its_turn(flavour, tmp_path, monk
     """A model that ends its turn at once, its EOS another token (as Qwen2.5 base's and Llama 3's): evaluation
     and training see one-token completions, none truncated, where they ran to --max-new-tokens before."""
     model_dir = make_tiny_model(tmp_path / "model", flavour=flavour, always=END_OF_TURN[flavour])
-    result = rlino.main(["--eval-only", "--model", str(model_dir), "--task", "arith", "--eval-size", "4",
-                         "--max-new-tokens", "24", "--out", str(tmp_path / "eval"), *FP32])
+    evaluation = ["--eval-only", "--model", str(model_dir), "--task", "arith", "--eval-size", "4",
+                  "--max-new-tokens", "24", *FP32]
+    result = rlino.main([*evaluation, "--out", str(tmp_path / "eval")])
     assert (result["eval_len_incorrect"], result["eval_truncated_frac"]) == (1.0, 0.0)
+    with monkeypatch.context() as eos_only:  # the control: stop tokens without the end of turn, as before
+        eos_only.setattr(rlino, "end_of_turn_ids", lambda tokenizer: [])
+        result = rlino.main([*evaluation, "--out", str(tmp_path / "eos-only")])
+    assert (result["eval_len_incorrect"], result["eval_truncated_frac"]) == (24.0, 1.0)
     monkeypatch.setattr(tasks.get_task("arith"), "reward", alternating_reward())
     rlino.main([*TINY_RUN, "--model", str(model_dir), "--out", str(tmp_path / "run"), "--steps", "1"])
     step = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][1]
@@ -842,7 +855,7 @@ def test_embedded_smollm2_loads_samples_and_updates():
     task = tasks.get_task("arith")
     examples = task.load("test", limit=2)
     prompts = rlino.encode_prompts(task, examples, tokenizer, "auto")
-    stop = rlino.stop_token_ids(tokenizer, model)
+    stop = rlino.stop_token_ids(tokenizer, model, "auto")
     assert tokenizer.decode(stop[0]) == "<|im_end|>"
     rollout = rlino.sample(model, prompts, max_new_tokens=8, stop_ids=stop, group_size=2, temperature=0.8,
                            generator=rlino.sampler_generator(0, 0, 0, device))
@@ -854,6 +867,22 @@ def test_embedded_smollm2_loads_samples_and_updates():
     opt.step()
     assert math.isfinite(stats["loss"]) and stats["grad_norm"] > 0
     assert not torch.equal(before, model.model.layers[0].self_attn.q_proj.weight)
+
+
+@pytest.mark.parametrize("text", ["The sum is 4.\nUser: and now?", "4\n\nUser: next", "Résumé: 4 €\nUser:x"])
+def test_the_stop_text_is_found_where_real_bpe_tokens_complete_it(text):
+    """The sampler looks for --stop-text in each row's last tokens (contain_text): on SmolLM2's byte-level
+    BPE (where '\n', 'User' and ':' are tokens or merge with their neighbours, and a character can be several
+    tokens) it first finds it at the token that completes it."""
+    if not (rlino.dequantised_cache_dir() / "config.json").exists():
+        rlino.load_model(rlino.EMBEDDED_MODEL, torch.device("cpu"))
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(rlino.dequantised_cache_dir())
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    found = [bool(rlino.contain_text(tokenizer, ids[:, :t + 1], "\nUser:")) for t in range(ids.shape[1])]
+    first = found.index(True)
+    assert "\nUser:" in tokenizer.decode(ids[0, :first + 1])
+    assert "\nUser:" not in tokenizer.decode(ids[0, :first])
 
 
 def test_wandb_logs_the_config_and_every_metrics_line_offline(tiny_dir, tmp_path, monkeypatch):
@@ -1240,6 +1269,7 @@ def test_a_kill_while_the_model_is_written_is_finished_by_resume(finished_run):
     before = (finished_run / "metrics.jsonl").read_text()
     rlino.main(["--resume", str(finished_run)])
     assert (finished_run / "model" / "config.json").exists() and not (finished_run / "model.partial").exists()
+    assert rlino.is_finished(finished_run)
     assert (finished_run / "metrics.jsonl").read_text() == before
     final = json.loads(before.splitlines()[-1])
     assert json.loads((finished_run / "eval.json").read_text())["eval_accuracy"] == final["eval_accuracy"]
@@ -1582,16 +1612,17 @@ def test_run_sh_paper_runs_the_papers_columns(tmp_path):
     common = ("rlino.py --model Qwen/Qwen2.5-0.5B --task gsm8k-paper --prompt-format plain --eval-samples 1 "
               "--eval-temperature 1.0 --eval-top-p 0.95 --steps 1 ")
     runs = tmp_path / "runs" / "qwen05-gsm8k"
-    assert lines == [common + f"--beta 0.001 --out {runs}-grpo",
+    assert lines == [common + f"--algo grpo --beta 0.001 --out {runs}-grpo",
                      common + f"--algo grpo --out {runs}-grpo-nokl",
                      common + f"--algo fisft+ --out {runs}-fisft+",
                      common + f"--algo fisft+- --out {runs}-fisft+-",
                      f"rlino.py --table {runs}-grpo {runs}-grpo-nokl {runs}-fisft+ {runs}-fisft+-"]
-    for arm, done in (("grpo", "summary.json"), ("grpo-nokl", "config.json")):
+    for arm, left in (("grpo", "summary.json"), ("grpo-nokl", "config.json"), ("fisft+", "lock")):
         (tmp_path / "runs" / f"qwen05-gsm8k-{arm}").mkdir(parents=True)
-        (tmp_path / "runs" / f"qwen05-gsm8k-{arm}" / done).write_text("{}")
+        (tmp_path / "runs" / f"qwen05-gsm8k-{arm}" / left).write_text("{}")  # finished, stopped, killed early
     again = paper("qwen05-gsm8k", PAPER_MODEL="tiny")
     assert again[0] == f"rlino.py --resume {runs}-grpo-nokl" and "--model tiny " in again[1]
+    assert again[1].endswith(f"--algo fisft+ --out {runs}-fisft+") and not Path(f"{runs}-fisft+").exists()
     countdown = paper("qwen05-countdown")
     assert len(countdown) == 6 and "--task countdown" in countdown[0] and "--algo fisft- " in countdown[4]
 

@@ -456,8 +456,8 @@ def main(argv=None) -> dict:
     task_name, examples = load_examples(args, n_examples)
     task = tasks.get_task(task_name)
     model, tokenizer = load_bench_model(args)
-    stop_ids = rlino.stop_token_ids(tokenizer, model)
     cfg = rlino_config(args, task_name, size["grpo_prompts"], size["grpo_tokens"])
+    stop_ids = rlino.stop_token_ids(tokenizer, model, cfg.prompt_format)
     amp = rlino.autocast(args.device, cfg)
     if args.device.type == "cuda":  # as rlino.train does; TRL gets tf32=True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
