@@ -156,7 +156,7 @@ class Config:
     keep_checkpoints: int = arg(2, "checkpoints kept in the run folder")
     resume: str | None = arg(None, "run folder to continue from its latest checkpoint")
     plot: list | None = arg(None, "draw the curves of these run folders into --out (a PNG) and exit")
-    table: list | None = arg(None, "print markdown tables of these run folders (mean ± 95 % CI over seeds, "
+    table: list | None = arg(None, "print markdown tables of these run folders (mean ± 95 %% CI over seeds, "
                                    "and in the paper's layout) and exit")
 
 
