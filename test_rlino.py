@@ -2325,3 +2325,22 @@ def test_prompts():
         assert content.startswith(example[field]) and content.endswith("final answer within \\boxed{}.")
         assert get_task(name).prompt_text(example).rstrip().endswith(
             "Assistant: Let me solve this step by step.")
+
+
+def test_paper_tasks_pose_the_bare_question_and_score_the_last_box():
+    """gsm8k-paper and math-paper: the question, then the authors' sentence, as the whole prompt (no preamble,
+    no template text), on the benchmark's own data; GSM8K scored on the last \\boxed{} alone."""
+    paper = get_task("gsm8k-paper")
+    bare = "How much? Let's think step by step and output the final answer within \\boxed{}."
+    assert paper.prompt_text(GSM8K_BIG) == bare and paper.prompt_messages(GSM8K_BIG)[-1]["content"] == bare
+    assert paper.reward("so \\boxed{1,000}", GSM8K_BIG) == 1.0
+    assert paper.reward("\\boxed{100}", GSM8K_BIG) == 0.0
+    for lenient in ("#### 1000", "The answer is 1000", "It is 1000."):
+        assert paper.reward(lenient, GSM8K_BIG) == 0.0 and get_task("gsm8k").reward(lenient, GSM8K_BIG) == 1.0
+    math_paper = get_task("math-paper")
+    assert math_paper.prompt_text(MATH) == "p " + bare.removeprefix("How much? ")
+    assert math_paper.reward("\\boxed{0.5}", MATH) == 1.0
+    if DATA_DIR and os.path.isdir(DATA_DIR):
+        for name in ("gsm8k", "math"):
+            assert (get_task(f"{name}-paper").load("test", data_dir=DATA_DIR)
+                    == get_task(name).load("test", data_dir=DATA_DIR))
