@@ -602,11 +602,8 @@ def contain_text(tokenizer, completions: torch.Tensor, text: str) -> torch.Tenso
 def sample(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: list[int], group_size: int = 1,
            temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
            stop_text: str = "", tokenizer=None, amp=NO_AMP, progress: bool = False) -> Rollout:
-    """G completions for each of B prompts (greedy at temperature 0), with a KV cache. A completion ends at a
-    stop token, or at the token that completes `stop_text` (decoded with `tokenizer`), which it keeps as it
-    keeps a stop token."""
-    if stop_text and tokenizer is None:
-        raise ValueError("a stop text needs the tokenizer that decodes the completions")
+    """G completions for each of B prompts (greedy at temperature 0), with a KV cache; each ends at a stop
+    token or at the token that completes `stop_text` (decoded with `tokenizer`), kept as a stop token is."""
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = left_pad(prompts, stop_ids[0])                 # (B, P)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
@@ -1000,11 +997,11 @@ def evaluate(model, tokenizer, task, examples: list[dict], cfg: Config, *, stop_
     mine = list(range(rank, len(examples), world))
     records = []
     bar = tqdm(total=len(mine), desc="eval", leave=False, disable=rank != 0)
+    stops = dict(max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids, tokenizer=tokenizer,
+                 stop_text=completion_stop_text(tokenizer, cfg))
     for start in range(0, len(mine), cfg.eval_batch):
         chunk = [examples[i] for i in mine[start:start + cfg.eval_batch]]
         prompts = encode_prompts(task, chunk, tokenizer, cfg.prompt_format)
-        stops = dict(max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids, tokenizer=tokenizer,
-                     stop_text=completion_stop_text(tokenizer, cfg))
         greedy = sample(model, prompts, **stops, amp=amp)
         counts = [0] * len(chunk)
         if cfg.eval_samples > 0:
@@ -1677,8 +1674,9 @@ def run_record(run: str, rows: list[dict]) -> dict:
 # The paper's table (arXiv 2505.13697 v4, final test accuracy in %, as its summaries give it, see PAPER.md in
 # the project's shared notes) by (model, benchmark), one figure per column of PAPER_ARMS; None where the
 # paper has none. F-ISFT-'s 0.00 on Countdown is given without the model: we put it in both rows.
+# (algo, GRPO with KL) -> the paper's column
 PAPER_ARMS = {("grpo", True): "GRPO", ("grpo", False): "GRPO w/o KL", ("fisft+", False): "F-ISFT+",
-              ("fisft+-", False): "F-ISFT+−", ("fisft-", False): "F-ISFT−"}  # (algo, GRPO with KL): column
+              ("fisft+-", False): "F-ISFT+−", ("fisft-", False): "F-ISFT−"}
 PAPER_TABLE = {("Qwen2.5-0.5B", "gsm8k"): (55.87, 55.19, 51.71, 55.72, None),
                ("Qwen2.5-1.5B", "gsm8k"): (78.24, 76.87, 74.98, 76.37, None),
                ("Qwen2.5-0.5B", "countdown"): (37.73, 42.43, 44.01, 37.86, 0.00),
@@ -1691,7 +1689,7 @@ def results_table(run_dirs: list[str]) -> str:
     """Three markdown tables over runs grouped by (task, model, algo, loss-agg, beta), one run per seed: eval
     accuracy (start, end, gain) and the length of incorrect answers in training (slope over the steps, first
     and last step), each as mean ± 95 % CI over seeds, with each group's paired difference (by seed) to
-    GRPO-seq (beta 0); then the final accuracies in the paper's layout, next to its figures."""
+    GRPO-seq (beta 0); then the final accuracies in the paper's layout (paper_layout)."""
     groups = {}
     for run in run_dirs:
         cfg, rows = read_run(run)
@@ -1728,6 +1726,16 @@ def results_table(run_dirs: list[str]) -> str:
                                          mean_ci([r["truncated"] for r in records]),
                                          mean_ci([r["signal"] for r in records]),
                                          paired(task, model, runs, "slope_wrong")]) + " |")
+    n_eval = sorted({r["eval_n"] for runs in groups.values() for r in runs.values()})
+    note = (f"\n\nEval accuracy: greedy, on {'/'.join(map(str, n_eval))} test problems. Mean ± half-width "
+            "of the 95 % CI over seeds (Student's t); paired: the difference to the GRPO-seq run of the same "
+            "seed.\n\n")
+    return "\n".join(accuracy) + note + "\n".join(length) + "\n\n" + paper_layout(groups)
+
+
+def paper_layout(groups: dict) -> str:
+    """The last evaluation of the seq runs in the paper's layout, in %, next to its figures: a column per
+    PAPER_ARMS, rows the paper, ours greedy and ours sampled (pass@1), per (task, model)."""
     columns = " | ".join(PAPER_ARMS.values())
     paper = [f"| model | task | final accuracy, % | {columns} |", "|" + " --- |" * 8]
     for task, model in sorted({key[:2] for key in groups}):
@@ -1742,14 +1750,10 @@ def results_table(run_dirs: list[str]) -> str:
                           for runs in arms.values()]
         paper += [f"| {Path(model).name} | {task} | {what} | " + " | ".join(cells) + " |"
                   for what, cells in rows.items()]
-    n_eval = sorted({r["eval_n"] for runs in groups.values() for r in runs.values()})
-    note = (f"\n\nEval accuracy: greedy, on {'/'.join(map(str, n_eval))} test problems. Mean ± half-width "
-            "of the 95 % CI over seeds (Student's t); paired: the difference to the GRPO-seq run of the same "
-            "seed.\n\n")
-    paper_note = ("\n\nIn the paper's layout (seq runs; GRPO with beta > 0 is its GRPO column): the last "
-                  "evaluation, greedy and with --eval-samples (the authors sampled one answer at T 1.0, "
-                  "top-p 0.95); F-ISFT+− is GRPO without KL in another form (the same update).\n")
-    return "\n".join(accuracy) + note + "\n".join(length) + "\n\n" + "\n".join(paper) + paper_note
+    note = ("\n\nIn the paper's layout (seq runs; GRPO with beta > 0 is its GRPO column): the last "
+            "evaluation, greedy and with --eval-samples (the authors sampled one answer at T 1.0, "
+            "top-p 0.95); F-ISFT+− is GRPO without KL in another form (the same update).\n")
+    return "\n".join(paper) + note
 
 
 def plot_runs(run_dirs: list[str], out_png: str) -> None:

@@ -869,7 +869,8 @@ def test_embedded_smollm2_loads_samples_and_updates():
     assert not torch.equal(before, model.model.layers[0].self_attn.q_proj.weight)
 
 
-@pytest.mark.parametrize("text", ["The sum is 4.\nUser: and now?", "4\n\nUser: next", "Résumé: 4 €\nUser:x"])
+@pytest.mark.parametrize("text", ["The sum is 4.\nUser: and now?", "4\n\nUser: next",
+                                  "Résumé: 4 €\nUser:x"])
 def test_the_stop_text_is_found_where_real_bpe_tokens_complete_it(text):
     """The sampler looks for --stop-text in each row's last tokens (contain_text): on SmolLM2's byte-level
     BPE (where '\n', 'User' and ':' are tokens or merge with their neighbours, and a character can be several
