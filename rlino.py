@@ -16,14 +16,15 @@ Run it:
 
 The file reads top to bottom in the order data flows, one banner per section:
     config       the Config dataclass (every flag), the device presets, validation
-    distributed  torchrun: device, rank, world size, gathers
+    distributed  torchrun: device, rank, world size, gathers, agreement, the gradient all-reduce
     model        loading (hub, folder, GGUF, the embedded SmolLM2), stop tokens, autocast, OOM halving
     prompts      task prompts to token ids, left padding, the seeded stream of training prompts
     sampler      G completions per prompt (speed machinery, tested equal to model.generate)
     rewards      completions to text, the task's verifier
     advantages   group-relative advantages, F-ISFT sample weights
     losses       the GRPO and F-ISFT objectives as equations, the per-token loss, length aggregation
-    train step   log-probabilities, micro-batches, one optimizer step (update), mu steps (optimise)
+    train step   log-probabilities (the LM head in chunks), micro-batches, one optimizer step (update), mu
+                 steps (optimise)
     evaluate     greedy accuracy, pass@k
     checkpoints  atomic save, exact resume, Ctrl-C / SIGTERM
     training     the loop: sample -> score -> advantages -> optimise -> refresh -> log
@@ -54,6 +55,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
@@ -103,7 +105,8 @@ class Config:
                              "policy, or the policy itself (auto: bfloat16 on CUDA and on CPUs with "
                              "AVX512-BF16)",
                              ("auto", "float32", "bfloat16"))
-    grad_ckpt: bool = arg(False, "gradient (activation) checkpointing in the update")
+    grad_ckpt: bool | None = arg(None, "gradient (activation) checkpointing in the update: each layer's "
+                                 "activations recomputed in the backward pass instead of kept")
     prompt_format: str = arg("auto", "chat template or plain text (auto: chat if the tokenizer has one)",
                              ("auto", "chat", "plain"))
     stop_text: str = arg("\nUser:", "with plain prompts a completion also ends where this text appears, the "
@@ -164,11 +167,11 @@ PRESETS = {
     # The paper's settings (G = 5, temperature 0.6, lr 1e-6, 64 prompts per step, 1,024 new tokens).
     "cuda": dict(steps=200, prompts_per_step=64, group_size=5, sample_batch=64, max_new_tokens=1024,
                  temperature=0.6, lr=1e-6, micro_batch=16, eval_every=25, eval_size=0, eval_batch=128,
-                 save_every=25),
+                 save_every=25, grad_ckpt=True),
     # Small enough that the main job on a 2-core CPU shows a step within 5 minutes and ends within 30.
     "cpu": dict(steps=8, prompts_per_step=4, group_size=4, sample_batch=4, max_new_tokens=160,
                 temperature=0.8, lr=5e-6, micro_batch=4, eval_every=0, eval_size=32, eval_batch=16,
-                save_every=0),
+                save_every=0, grad_ckpt=False),
 }
 
 
@@ -181,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         help_line = f.metadata["help"]
         if f.name in PRESETS["cpu"]:
             help_line += f" [preset: cpu {PRESETS['cpu'][f.name]}, cuda {PRESETS['cuda'][f.name]}]"
-        if f.type == "bool":
+        if f.type.startswith("bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=help_line)
         elif f.type == "list | None":
@@ -270,12 +273,29 @@ def gather_lists(values: list, world: int) -> list:
     return [v for part in parts for v in part]
 
 
-def all_reduce_sum(x: torch.Tensor, world: int) -> torch.Tensor:
-    """Sum a tensor over ranks (identity on one process)."""
+def all_reduced(x: torch.Tensor, world: int, *, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """A tensor summed (or op-reduced) over ranks (identity on one process)."""
     if world > 1:
         x = x.clone()
-        dist.all_reduce(x)
+        dist.all_reduce(x, op=op)
     return x
+
+
+def any_rank(flag: bool, world: int) -> bool:
+    """Whether `flag` holds on any rank: every rank calls it at the same point and gets the same answer."""
+    if world == 1:
+        return flag
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    return all_reduced(torch.tensor([float(flag)], device=device), world, op=dist.ReduceOp.MAX).item() > 0
+
+
+def all_reduce_gradients(model, world: int) -> None:
+    """Sum the gradients over ranks, once every rank's backward passes are done (the token weights already
+    divide by the global counts). DDP's all-reduce inside the backward pass is not used: a rank that runs
+    out of memory there cannot retry without leaving the others waiting in it."""
+    if world > 1:
+        for handle in [dist.all_reduce(p.grad, async_op=True) for p in model.parameters()]:
+            handle.wait()
 
 
 # --------------------------------------------------------------------------- model
@@ -376,18 +396,24 @@ def autocast(device: torch.device, cfg: Config):
     return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else NO_AMP
 
 
-def halving_on_oom(cfg: Config, name: str, work):
-    """work(), redone with cfg.<name> halved after each CUDA out-of-memory error; gives up only at 1."""
+def halving_on_oom(cfg: Config, name: str, work, *, world: int = 1):
+    """work(), redone with cfg.<name> halved after a CUDA out-of-memory error on any rank. work must be local
+    to the rank (no collective inside): the ranks agree after each try and halve together, since a retry on
+    one rank alone would leave the others waiting in a collective. At 1 every rank stops with one line."""
     while True:
         try:
-            return work()
+            result, failed = work(), False
         except torch.cuda.OutOfMemoryError:
-            if getattr(cfg, name) == 1:
-                raise
-            setattr(cfg, name, getattr(cfg, name) // 2)
-            torch.cuda.empty_cache()
-            print(f"CUDA out of memory: retrying with --{name.replace('_', '-')} {getattr(cfg, name)}",
-                  flush=True)
+            result, failed = None, True
+        if not any_rank(failed, world):
+            return result
+        flag = "--" + name.replace("_", "-")
+        if getattr(cfg, name) == 1:
+            raise RunStopped(f"CUDA out of memory even at {flag} 1; lower --max-new-tokens, or turn on "
+                             "--grad-ckpt")
+        setattr(cfg, name, getattr(cfg, name) // 2)
+        torch.cuda.empty_cache()
+        print(f"CUDA out of memory: retrying with {flag} {getattr(cfg, name)}", flush=True)
 
 
 # --------------------------------------------------------------------------- prompts
@@ -454,13 +480,15 @@ class PromptStream:
 # a stop token, temperature / nucleus sampling, greedy at temperature 0) and is tested equal to it, greedy
 # output token for token (test_sampler_greedy_equals_generate). What it does differently, each a named piece:
 #   - one prefill per prompt, its KV cache shared by its G samples (repeat_interleave);
-#   - rows that have stopped leave the decode batch (batch_select_indices), so the batch shrinks;
+#   - rows that have stopped leave the decode batch (batch_select_indices), so the batch shrinks; the host
+#     looks for them every CHECK_EVERY tokens only (each look waits for the device), the masks stay on it;
 #   - PreallocatedLayer: the KV cache written in place into one buffer instead of re-allocated every token;
-#   - decode_mask: the decode step's mask given to SDPA as a 4-D mask, which keeps its fast kernel;
+#   - decode_mask: on a CPU, the decode step's mask given to SDPA as a 4-D mask, which keeps its fast kernel;
 #   - next_tokens: one uniform draw per row through the CDF instead of torch.multinomial;
 #   - sampler_model: the training rollouts drawn from a bf16 copy of the weights (--sampler-dtype).
 # To fall back to transformers' own cache and masks, make `kv_cache` return DynamicCache(config=model.config)
-# and `decode_mask` return its input (models with sliding-window layers always take that path).
+# and `decode_mask` return its input (models with sliding-window layers always take that path), and set
+# CHECK_EVERY to 1.
 # What each piece saves is measured in bench/README.md.
 @dataclass
 class Rollout:
@@ -472,18 +500,16 @@ class Rollout:
     lengths: torch.Tensor          # (N,) completion lengths in tokens
     truncated: torch.Tensor        # (N,) bool: hit max_new_tokens without a stop
     entropy: torch.Tensor          # (N,) mean entropy of the sampling distribution over the completion
+    sampler_logprobs: torch.Tensor  # (N, T) log-prob of each token under the sampler's softmax(logits / T)
+
+
+CHECK_EVERY = {"cpu": 1, "cuda": 16}  # decode steps between the sampler's looks for finished rows, by device
 
 
 def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """The logits of the distribution the samples are drawn from: logits / T (unchanged for greedy, T = 0).
     The sampler draws from it and the update's log-probabilities are taken from it, as in TRL and verl."""
     return logits / temperature if temperature > 0 else logits
-
-
-def entropy_of(logits: torch.Tensor) -> torch.Tensor:
-    """(n,) entropy of the softmax of (n, V) logits."""
-    logp = torch.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
 
 
 def next_tokens(logits: torch.Tensor, temperature: float, top_p: float,
@@ -498,12 +524,9 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_p: float,
         probs, order = probs.sort(dim=-1, descending=True)
         probs[probs.cumsum(-1) - probs > top_p] = 0.0                       # tokens after the nucleus is full
     cdf = probs.cumsum(-1)                                                   # (n, V)
-    if not torch.isfinite(cdf[:, -1]).all() or (cdf[:, -1] <= 0).any():
-        raise RunStopped("the sampler got non-finite or all-zero probabilities: the weights or logits are "
-                         "not finite")
     # u in (0, total]: the first index with cdf >= u always has a probability > 0
     u = (1.0 - torch.rand(len(cdf), 1, generator=generator, device=cdf.device)) * cdf[:, -1:]
-    token = torch.searchsorted(cdf, u).squeeze(-1)                           # (n,)
+    token = torch.searchsorted(cdf, u).squeeze(-1).clamp(max=cdf.shape[-1] - 1)  # (n,); a NaN cdf: see sample
     return token if order is None else order.gather(-1, token[:, None]).squeeze(-1)
 
 
@@ -561,25 +584,29 @@ def kv_cache(model, capacity: int) -> Cache:
 
 
 def decode_mask(model, attention: torch.Tensor) -> torch.Tensor:
-    """The attention mask of one decode step. (N, P + t) -> for SDPA, the 4-D boolean mask transformers would
-    build from it, given as such so that it is kept when it is all ones: transformers drops an all-ones mask,
-    and SDPA then takes a slower grouped-query path."""
-    if model.config._attn_implementation != "sdpa" or not full_attention_only(model):
+    """The attention mask of one decode step. (N, P + t) -> for SDPA on a CPU, the 4-D boolean mask
+    transformers would build from it, given as such so that it is kept when it is all ones: transformers drops
+    an all-ones mask, and SDPA then takes a slower grouped-query path (measured on CPUs only)."""
+    if model.config._attn_implementation != "sdpa" or attention.device.type != "cpu" or \
+            not full_attention_only(model):
         return attention
     return attention[:, None, None, :].bool()                                # (N, 1, 1, P + t)
 
 
-def sampler_model(model, dtype: str):
-    """The model the training rollouts are sampled from: the policy itself, or a bf16 copy of its weights,
-    refreshed by refresh_sampler after each update (evaluation always runs on the policy). Decoding is bound
-    by reading the weights once per token, and bf16 reads half the bytes; autocast would cast the fp32
-    weights again at every token. The update's log-probabilities still come from the fp32 policy."""
-    if dtype == "float32":
-        return model
-    copy = deepcopy(model).eval().requires_grad_(False)
-    for param in copy.parameters():  # parameters only: buffers such as the rotary frequencies stay fp32
+def frozen(model, dtype: str):
+    """The model in eval mode without gradients, its weights cast in place to bf16 if dtype says so (the
+    parameters only: buffers such as the rotary frequencies stay fp32)."""
+    for param in model.parameters() if dtype == "bfloat16" else []:
         param.data = param.data.to(torch.bfloat16)
-    return copy
+    return model.eval().requires_grad_(False)
+
+
+def sampler_model(model, dtype: str):
+    """The model the rollouts and the evaluations are sampled from: the policy itself, or a bf16 copy of its
+    weights, refreshed by refresh_sampler after each update. Decoding is bound by reading the weights once per
+    token, and bf16 reads half the bytes; autocast would cast the fp32 weights again at every token, and keep
+    fp32 keys and values in the cache. The update's log-probabilities still come from the fp32 policy."""
+    return model if dtype == "float32" else frozen(deepcopy(model), dtype)
 
 
 @torch.no_grad()
@@ -590,12 +617,40 @@ def refresh_sampler(sampler, model) -> None:
             target.copy_(source)
 
 
-def contain_text(tokenizer, completions: torch.Tensor, text: str) -> torch.Tensor:
-    """(n,) bool: whether the last tokens of each row of the (n, t) ids decode to a text that holds `text`:
-    as many tokens as it has bytes, and one more (a token holds at least one byte)."""
-    window = completions[:, -(len(text.encode()) + 1):].tolist()
-    return torch.tensor([text in piece for piece in tokenizer.batch_decode(window)], dtype=torch.bool,
-                        device=completions.device)
+def first_stop_text(tokenizer, completions: torch.Tensor, text: str, *, since: int) -> list[int]:
+    """For each row of the (n, t) ids, the first position p >= since whose tokens up to p decode to a text
+    that holds `text` (a window of as many tokens as it has bytes, and one more: a token holds at least one
+    byte), else -1. One batch_decode for all rows and positions."""
+    width = len(text.encode()) + 1
+    first = max(0, since - width + 1)                                        # the first column a window reads
+    rows, positions = completions[:, first:].tolist(), range(since - first, completions.shape[1] - first)
+    windows = [row[max(0, p - width + 1):p + 1] for row in rows for p in positions]
+    hits = [text in piece for piece in tokenizer.batch_decode(windows)]
+    per_row = [hits[r * len(positions):(r + 1) * len(positions)] for r in range(len(rows))]
+    return [first + positions[row.index(True)] if True in row else -1 for row in per_row]
+
+
+def end_at_stop_text(tokenizer, text: str, completion_ids: torch.Tensor, lengths: torch.Tensor,
+                     ended: torch.Tensor, live: torch.Tensor, *, since: int) -> None:
+    """The rows of `live` whose tokens since the last look complete `text` end there, unless they ended
+    before: lengths and ended, (N,) each, are updated in place. completion_ids: (N, t) so far."""
+    found = torch.tensor(first_stop_text(tokenizer, completion_ids[live], text, since=since),
+                         device=lengths.device)                              # (n_live,)
+    hits = (found >= 0) & (found + 1 < lengths[live])
+    lengths[live] = torch.where(hits, found + 1, lengths[live])
+    ended[live] |= hits
+
+
+def prefill(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cache: Cache, *, group_size: int,
+            amp) -> torch.Tensor:
+    """One forward pass over the (B, P) prompts, its KV cache then shared by each prompt's G samples; returns
+    the (B*G, V) logits of the first completion token."""
+    last = torch.tensor([prompt_ids.shape[1] - 1], device=prompt_ids.device)  # see completion_logprobs
+    with amp:
+        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions(prompt_mask),
+                    cache=cache, use_cache=True, logits_to_keep=last)
+    cache.batch_repeat_interleave(group_size)
+    return out.logits[:, -1].float().repeat_interleave(group_size, dim=0)
 
 
 @torch.no_grad()
@@ -603,52 +658,58 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: li
            temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
            stop_text: str = "", tokenizer=None, amp=NO_AMP, progress: bool = False) -> Rollout:
     """G completions for each of B prompts (greedy at temperature 0), with a KV cache; each ends at a stop
-    token or at the token that completes `stop_text` (decoded with `tokenizer`), kept as a stop token is."""
+    token or at the token that completes `stop_text` (decoded with `tokenizer`), kept as a stop token is.
+    Rows go on decoding until the next look (CHECK_EVERY): what they draw after their end is cut off."""
     device = next(model.parameters()).device
-    prompt_ids, prompt_mask = left_pad(prompts, stop_ids[0])                 # (B, P)
-    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-    n_rows = len(prompts) * group_size
+    prompt_ids, prompt_mask = (x.to(device) for x in left_pad(prompts, stop_ids[0]))  # (B, P)
+    n_rows, check_every = len(prompts) * group_size, CHECK_EVERY.get(device.type, CHECK_EVERY["cuda"])
     stop = torch.tensor(stop_ids, device=device)
     cache = kv_cache(model, prompt_ids.shape[1] + max_new_tokens)
-    last = torch.tensor([prompt_ids.shape[1] - 1], device=device)          # an index: see completion_logprobs
-    with amp:
-        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions(prompt_mask),
-                    cache=cache, use_cache=True, logits_to_keep=last)        # prefill once per prompt
-    cache.batch_repeat_interleave(group_size)                                # share it across the group
-    logits = out.logits[:, -1].float().repeat_interleave(group_size, dim=0)  # (N, V)
+    logits = prefill(model, prompt_ids, prompt_mask, cache, group_size=group_size, amp=amp)  # (N, V)
     attention = prompt_mask.repeat_interleave(group_size, dim=0)             # (N, P + t), one more per token
     next_position = attention.sum(-1)                                        # (N,)
     completion_ids = torch.full((n_rows, max_new_tokens), stop_ids[0], dtype=torch.long, device=device)
+    token_logprobs, entropies = (torch.zeros(n_rows, max_new_tokens, device=device) for _ in range(2))
     lengths = torch.full((n_rows,), max_new_tokens, dtype=torch.long, device=device)
     ended = torch.zeros(n_rows, dtype=torch.bool, device=device)            # stopped before max_new_tokens
-    entropy_sum = torch.zeros(n_rows, device=device)
-    live = torch.arange(n_rows, device=device)                               # rows still decoding
+    invalid = torch.zeros((), dtype=torch.bool, device=device)              # non-finite logits seen
+    live, looked = torch.arange(n_rows, device=device), 0                    # rows in the batch; last look
     for t in tqdm(range(max_new_tokens), desc="sampling", leave=False, disable=not progress):
+        invalid |= ~torch.isfinite(logits.amax(-1)).all()                    # NaN, +inf, or all -inf
         token = next_tokens(logits, temperature, top_p, generator)           # (n_live,)
-        entropy_sum[live] += entropy_of(tempered(logits, temperature))
+        logp = torch.log_softmax(tempered(logits, temperature), dim=-1)      # (n_live, V)
+        entropies[live, t] = -(logp.exp() * logp).sum(-1)
+        token_logprobs[live, t] = logp.gather(-1, token[:, None]).squeeze(-1)
         completion_ids[live, t] = token
-        stopped = torch.isin(token, stop)
-        if stop_text:
-            stopped |= contain_text(tokenizer, completion_ids[live, :t + 1], stop_text)
-        lengths[live[stopped]], ended[live[stopped]] = t + 1, True
-        if t == max_new_tokens - 1 or stopped.all():
-            break
-        if stopped.any():                                                  # drop finished rows from the batch
-            keep = (~stopped).nonzero().squeeze(-1)
-            cache.batch_select_indices(keep)
-            live, token, next_position = live[keep], token[keep], next_position[keep]
-            attention = attention[keep]
+        stops = torch.isin(token, stop) & ~ended[live]
+        lengths[live] = torch.where(stops, t + 1, lengths[live])
+        ended[live] |= stops
+        if (t + 1) % check_every == 0 or t == max_new_tokens - 1:          # a look: the host waits
+            if invalid:
+                raise RunStopped("the sampler got non-finite logits: the weights are not finite")
+            if stop_text:
+                end_at_stop_text(tokenizer, stop_text, completion_ids[:, :t + 1], lengths, ended, live,
+                                 since=looked)
+            running, looked = ~ended[live], t + 1
+            if t == max_new_tokens - 1 or not running.any():
+                break
+            if not running.all():                                            # finished rows leave the batch
+                keep = running.nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                live, token = live[keep], token[keep]
+                next_position, attention = next_position[keep], attention[keep]
         attention = torch.cat([attention, attention.new_ones(len(live), 1)], dim=-1)
         with amp:
             out = model(input_ids=token[:, None], attention_mask=decode_mask(model, attention),
                         position_ids=next_position[:, None], cache=cache, use_cache=True)
-        logits = out.logits[:, -1].float()
-        next_position = next_position + 1
+        logits, next_position = out.logits[:, -1].float(), next_position + 1
     width = int(lengths.max())
-    completion_mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).float()
+    completion_mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).float()  # (N, width)
+    completion_ids = torch.where(completion_mask.bool(), completion_ids[:, :width], stop_ids[0])
     return Rollout(prompt_ids.repeat_interleave(group_size, dim=0),
-                   prompt_mask.repeat_interleave(group_size, dim=0), completion_ids[:, :width],
-                   completion_mask, lengths, ~ended, entropy_sum / lengths)
+                   prompt_mask.repeat_interleave(group_size, dim=0), completion_ids, completion_mask, lengths,
+                   ~ended, (entropies[:, :width] * completion_mask).sum(-1) / lengths,
+                   token_logprobs[:, :width] * completion_mask)
 
 
 def sampler_generator(seed: int, step: int, chunk: int, device: torch.device) -> torch.Generator:
@@ -674,7 +735,8 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
 
 
 def collect_rollouts(model, tokenizer, task, examples: list[dict], cfg: Config, *, step: int,
-                     stop_ids: list[int], rank: int = 0, amp=NO_AMP, progress: bool = False) -> Rollout:
+                     stop_ids: list[int], rank: int = 0, world: int = 1, amp=NO_AMP,
+                     progress: bool = False) -> Rollout:
     """This rank's rollouts: G completions for each example, in sampler calls of cfg.sample_batch prompts
     (halved on a CUDA out-of-memory error). Call c draws from the RNG of chunk first_chunk + c of the step,
     so the samples do not depend on the number of ranks."""
@@ -692,7 +754,7 @@ def collect_rollouts(model, tokenizer, task, examples: list[dict], cfg: Config, 
                                 tokenizer=tokenizer, amp=amp, progress=progress))
         return concat_rollouts(parts, stop_ids[0])
 
-    return halving_on_oom(cfg, "sample_batch", draw)
+    return halving_on_oom(cfg, "sample_batch", draw, world=world)
 
 
 # --------------------------------------------------------------------------- rewards
@@ -841,22 +903,53 @@ def per_token_loss(logprobs: torch.Tensor, *, advantages: torch.Tensor,
 
 
 # --------------------------------------------------------------------------- train step
+HEAD_CHUNK = 2**26  # logits per chunk of the update's LM head: 256 MB in fp32 (441 tokens at Qwen's 151,936)
+
+
+@contextlib.contextmanager
+def without_lm_head(model):
+    """While the block runs, the model returns its last hidden states in place of logits; yields its LM head.
+    (Models that rescale or cap the logits after the head, as Gemma 2 does, are not covered.)"""
+    head = model.get_output_embeddings()
+    model.set_output_embeddings(torch.nn.Identity())
+    try:
+        yield head
+    finally:
+        model.set_output_embeddings(head)
+
+
+def head_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor,
+                  temperature: float) -> torch.Tensor:
+    """(c,) log pi(target) at c positions: the LM head in fp32 (outside autocast), then logit(target) -
+    logsumexp(logits) of softmax(logits / T). hidden: (c, d); targets: (c,)."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        bias = None if head.bias is None else head.bias.float()
+        logits = tempered(F.linear(hidden.float(), head.weight.float(), bias), temperature)  # (c, V)
+        return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
 def completion_logprobs(model, rows: Rollout, *, temperature: float, amp=NO_AMP) -> torch.Tensor:
     """(n, T) log pi(token) of each completion token under softmax(logits / T), 0 after its end. One forward
-    over prompt + completion; only the positions that predict a completion token go through the LM head (a
-    boolean logits_to_keep: no padding, and one contiguous (k, d) block of hidden states: on a strided slice
-    the head's matmul would copy its weight once per row). log pi = logit(token) - logsumexp(logits)."""
+    over prompt + completion up to the last hidden states of the positions that predict a completion token (a
+    boolean logits_to_keep: no padding, and one contiguous (k, d) block: on a strided slice the head's matmul
+    would copy its weight once per row); then the LM head over chunks of HEAD_CHUNK logits, each recomputed
+    in the backward pass (checkpointed) when there is more than one, so that the (k, V) logits never exist
+    at once (Qwen's 151,936-token vocabulary: 0.6 MB a token in fp32)."""
     input_ids = torch.cat([rows.prompt_ids, rows.completion_ids], dim=1)    # (n, P + T)
     attention = torch.cat([rows.prompt_mask, rows.completion_mask.long()], dim=1)
     in_completion = rows.completion_mask.bool()                              # (n, T)
     predicts = F.pad(in_completion, (rows.prompt_ids.shape[1] - 1, 1))       # (n, P + T): p predicts p + 1
-    with amp:
-        logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions(attention),
-                       use_cache=False, logits_to_keep=predicts).logits
-    logits = tempered(logits.float(), temperature)                           # (k, V), k = completion tokens
+    with amp, without_lm_head(model) as head:
+        hidden = model(input_ids=input_ids, attention_mask=attention, position_ids=positions(attention),
+                       use_cache=False, logits_to_keep=predicts).logits     # (k, d), k = completion tokens
     targets = rows.completion_ids[in_completion]                             # (k,)
-    token_logprobs = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return torch.zeros_like(rows.completion_mask).masked_scatter(in_completion, token_logprobs)
+    size = max(1, HEAD_CHUNK // head.weight.shape[0])                        # positions per chunk
+    chunks = list(zip(hidden.split(size), targets.split(size)))
+    if len(chunks) > 1 and torch.is_grad_enabled():
+        parts = [checkpoint(head_logprobs, h, head, y, temperature, use_reentrant=False) for h, y in chunks]
+    else:
+        parts = [head_logprobs(h, head, y, temperature) for h, y in chunks]
+    return torch.zeros_like(rows.completion_mask).masked_scatter(in_completion, torch.cat(parts))
 
 
 def select_rows(rollout: Rollout, index: torch.Tensor) -> Rollout:
@@ -867,7 +960,8 @@ def select_rows(rollout: Rollout, index: torch.Tensor) -> Rollout:
     width = int(rollout.lengths[index].max())
     return Rollout(rollout.prompt_ids[index, first:], prompt_mask[:, first:],
                    rollout.completion_ids[index, :width], rollout.completion_mask[index, :width],
-                   rollout.lengths[index], rollout.truncated[index], rollout.entropy[index])
+                   rollout.lengths[index], rollout.truncated[index], rollout.entropy[index],
+                   rollout.sampler_logprobs[index, :width])
 
 
 def micro_batches(rollout: Rollout, size: int, *, rows: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -890,52 +984,73 @@ def rollout_logprobs(model, rollout: Rollout, *, micro_batch: int, temperature: 
     return out
 
 
+def accumulate_gradients(model, rollout: Rollout, rows: torch.Tensor, weights: torch.Tensor,
+                         advantages: torch.Tensor, cfg: Config, *, sample_weights: torch.Tensor | None,
+                         old_logprobs: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
+                         amp) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's backward passes over `rows` of the rollout, in micro-batches: the gradient of
+    sum_it weights_it * per_token_loss_it accumulates in .grad. Returns the sums (loss, kl, clipped tokens,
+    |log pi_theta - log pi_sampler|, tokens) and the largest pi_theta / pi_sampler."""
+    sums = torch.zeros(5, device=weights.device)
+    ratio_max = torch.zeros((), device=weights.device)
+    for index in micro_batches(rollout, cfg.micro_batch, rows=rows):
+        batch = select_rows(rollout, index)
+        width = batch.completion_ids.shape[1]
+        logprobs = completion_logprobs(model, batch, temperature=cfg.temperature, amp=amp)  # (m, width)
+        loss, clipped, kl = per_token_loss(
+            logprobs, advantages=advantages[index],
+            sample_weights=None if sample_weights is None else sample_weights[index],
+            old_logprobs=None if old_logprobs is None else old_logprobs[index, :width],
+            ref_logprobs=None if ref_logprobs is None else ref_logprobs[index, :width],
+            beta=cfg.beta, clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high)
+        batch_loss = (weights[index, :width] * loss).sum()
+        batch_loss.backward()
+        mask, drift = batch.completion_mask, logprobs.detach() - batch.sampler_logprobs  # (m, width)
+        sums += torch.stack([batch_loss.detach(), (kl * mask).sum(), (clipped * mask).sum(),
+                             (drift.abs() * mask).sum(), mask.sum()])
+        ratio_max = torch.maximum(ratio_max, (drift.exp() * mask).max())
+    return sums, ratio_max
+
+
 def update(model, optimizer, rollout: Rollout, advantages: torch.Tensor, cfg: Config, *,
            sample_weights: torch.Tensor | None = None, old_logprobs: torch.Tensor | None = None,
            ref_logprobs: torch.Tensor | None = None, amp=NO_AMP, world: int = 1) -> dict:
     """The gradient of one optimizer step: L = sum_it token_weight_it * per_token_loss_it, accumulated over
-    micro-batches, then clipped (the caller steps the optimizer). sample_weights None means GRPO.
+    micro-batches (this rank's alone, halved on a CUDA out-of-memory error), then summed over ranks and
+    clipped (the caller steps the optimizer). sample_weights None means GRPO.
 
     Returns the loss, and kl and clip_frac as means over all completion tokens of the step, on every rank
     (TRL's definitions: the same on one process and on N); grad_norm is non-finite when the step must be
-    skipped.
+    skipped. The train / inference mismatch over the tokens of the rows that ran: sampler_logp_diff, the mean
+    of |log pi_theta - log pi_sampler|, and sampler_ratio_max, the largest pi_theta / pi_sampler.
     """
     completion_mask = rollout.completion_mask                                # (n, T): this rank's rows
-    n_tokens = float(all_reduce_sum(completion_mask.sum(), world))
+    n_tokens = float(all_reduced(completion_mask.sum(), world))
     weights = token_weights(completion_mask, cfg.loss_agg, max_new_tokens=cfg.max_new_tokens,
                             n_sequences=len(completion_mask) * world, n_tokens=n_tokens)  # (n, T)
     row_weights = advantages if sample_weights is None else sample_weights   # (n,)
     # A row of weight 0 with no KL term adds nothing to the gradient, nor to the clipped tokens: its forward
-    # and backward are skipped. Under DDP every rank must run the same backward passes, so there all rows run.
-    needed = torch.ones_like(row_weights, dtype=torch.bool) if world > 1 or cfg.beta > 0 else row_weights != 0
-    batches = micro_batches(rollout, cfg.micro_batch, rows=needed.nonzero().squeeze(-1))
-    loss_sum, kl_sum, clipped_tokens = (torch.zeros((), device=completion_mask.device) for _ in range(3))
-    optimizer.zero_grad(set_to_none=True)
-    for k, index in enumerate(batches):
-        rows = select_rows(rollout, index)
-        width = rows.completion_ids.shape[1]
-        sync = contextlib.nullcontext() if world == 1 or k == len(batches) - 1 else model.no_sync()
-        with sync:
-            logprobs = completion_logprobs(model, rows, temperature=cfg.temperature, amp=amp)  # (m, width)
-            loss, clipped, kl = per_token_loss(
-                logprobs, advantages=advantages[index],
-                sample_weights=None if sample_weights is None else sample_weights[index],
-                old_logprobs=None if old_logprobs is None else old_logprobs[index, :width],
-                ref_logprobs=None if ref_logprobs is None else ref_logprobs[index, :width],
-                beta=cfg.beta, clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high)
-            batch_loss = (weights[index, :width] * loss).sum()
-            (batch_loss * world).backward()  # DDP averages gradients over ranks; the weights divide globally
-        loss_sum += batch_loss.detach()
-        kl_sum += (kl * rows.completion_mask).sum()
-        clipped_tokens += (clipped * rows.completion_mask).sum()
-    if not batches:  # nothing to learn from: zero gradients, so that AdamW steps as on an all-zero gradient
-        for p in model.parameters():
+    # and backward are skipped.
+    needed = torch.ones_like(row_weights, dtype=torch.bool) if cfg.beta > 0 else row_weights != 0
+
+    def backward_passes() -> tuple[torch.Tensor, torch.Tensor]:
+        optimizer.zero_grad(set_to_none=True)
+        return accumulate_gradients(model, rollout, needed.nonzero().squeeze(-1), weights, advantages, cfg,
+                                    sample_weights=sample_weights, old_logprobs=old_logprobs,
+                                    ref_logprobs=ref_logprobs, amp=amp)
+
+    sums, ratio_max = halving_on_oom(cfg, "micro_batch", backward_passes, world=world)
+    for p in model.parameters():
+        if p.grad is None:  # no row ran: a zero gradient, so that AdamW steps as on an all-zero gradient
             p.grad = torch.zeros_like(p)
-    loss_sum, kl_sum, clipped_tokens = all_reduce_sum(torch.stack([loss_sum, kl_sum, clipped_tokens]), world)
+    all_reduce_gradients(model, world)
+    totals = all_reduced(torch.cat([sums, needed.sum()[None].float()]), world)  # over all ranks
+    loss, kl, clipped, drift, ran, rows_run = totals.tolist()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-    return {"loss": loss_sum.item(), "kl": kl_sum.item() / max(n_tokens, 1.0),
-            "clip_frac": clipped_tokens.item() / max(n_tokens, 1.0),
-            "update_rows": sum(len(i) for i in batches), "grad_norm": grad_norm.item()}
+    return {"loss": loss, "kl": kl / max(n_tokens, 1.0), "clip_frac": clipped / max(n_tokens, 1.0),
+            "update_rows": int(rows_run), "grad_norm": grad_norm.item(),
+            "sampler_logp_diff": drift / ran if ran else math.nan,
+            "sampler_ratio_max": all_reduced(ratio_max, world, op=dist.ReduceOp.MAX).item()}
 
 
 def make_optimizer(model, cfg: Config) -> torch.optim.AdamW:
@@ -944,30 +1059,33 @@ def make_optimizer(model, cfg: Config) -> torch.optim.AdamW:
 
 
 def optimise(model, optimizer, rollout: Rollout, advantages: torch.Tensor, cfg: Config, *,
-             sample_weights: torch.Tensor | None = None, ref_model=None, ddp_model=None, amp=NO_AMP,
-             world: int = 1) -> dict:
-    """mu = cfg.ppo_epochs optimizer steps on one batch of rollouts (micro-batches halved on a CUDA
-    out-of-memory error). pi_old's log-probs are computed only for GRPO with mu > 1 (with mu = 1, rho == 1,
-    and F-ISFT has no ratio), the reference's only when beta > 0. A non-finite loss or gradient skips the
-    step."""
-    def steps() -> dict:
-        model.train()
-        fixed = dict(micro_batch=cfg.micro_batch, temperature=cfg.temperature, amp=amp)
-        needs_old = sample_weights is None and cfg.ppo_epochs > 1
-        old_logprobs = rollout_logprobs(model, rollout, **fixed) if needs_old else None
-        ref_logprobs = rollout_logprobs(ref_model, rollout, **fixed) if ref_model is not None else None
-        for _ in range(cfg.ppo_epochs):
-            stats = update(ddp_model or model, optimizer, rollout, advantages, cfg,
-                           sample_weights=sample_weights, old_logprobs=old_logprobs,
-                           ref_logprobs=ref_logprobs, amp=amp, world=world)
-            stats["finite"] = math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])
-            if not stats["finite"]:
-                optimizer.zero_grad(set_to_none=True)
-                break
-            optimizer.step()
-        return stats
+             sample_weights: torch.Tensor | None = None, ref_model=None, amp=NO_AMP, world: int = 1) -> dict:
+    """mu = cfg.ppo_epochs optimizer steps on one batch of rollouts. pi_old's log-probs are computed only for
+    GRPO with mu > 1 (with mu = 1, rho == 1, and F-ISFT has no ratio), the reference's only when beta > 0
+    (micro-batches halved on a CUDA out-of-memory error). A non-finite loss or gradient skips the step; the
+    gradients are freed after each step, not kept through sampling and evaluation. The mismatch metrics are
+    those of the first pass, where pi_theta = pi_old."""
+    model.train()
+    needs_old = sample_weights is None and cfg.ppo_epochs > 1
 
-    return halving_on_oom(cfg, "micro_batch", steps)
+    def fixed_logprobs() -> tuple[torch.Tensor | None, torch.Tensor | None]:     # (N, T) each
+        fixed = dict(micro_batch=cfg.micro_batch, temperature=cfg.temperature, amp=amp)
+        return (rollout_logprobs(model, rollout, **fixed) if needs_old else None,
+                rollout_logprobs(ref_model, rollout, **fixed) if ref_model is not None else None)
+
+    old_logprobs, ref_logprobs = halving_on_oom(cfg, "micro_batch", fixed_logprobs, world=world)
+    for epoch in range(cfg.ppo_epochs):
+        stats = update(model, optimizer, rollout, advantages, cfg, sample_weights=sample_weights,
+                       old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, amp=amp, world=world)
+        if epoch == 0:
+            mismatch = {k: v for k, v in stats.items() if k.startswith("sampler_")}
+        stats["finite"] = math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])
+        if stats["finite"]:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if not stats["finite"]:
+            break
+    return {**stats, **mismatch}
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -992,29 +1110,33 @@ def length_stats(lengths: torch.Tensor, correct: torch.Tensor) -> dict:
 def evaluate(model, tokenizer, task, examples: list[dict], cfg: Config, *, stop_ids: list[int], amp=NO_AMP,
              rank: int = 0, world: int = 1) -> dict:
     """Greedy accuracy (and pass@k from cfg.eval_samples samples at --eval-temperature / --eval-top-p) on
-    the examples, split over ranks."""
+    the examples, split over ranks, in sampler calls of --eval-batch prompts (halved on a CUDA out-of-memory
+    error)."""
     model.eval()
     mine = list(range(rank, len(examples), world))
-    records = []
-    bar = tqdm(total=len(mine), desc="eval", leave=False, disable=rank != 0)
     stops = dict(max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids, tokenizer=tokenizer,
                  stop_text=completion_stop_text(tokenizer, cfg))
-    for start in range(0, len(mine), cfg.eval_batch):
-        chunk = [examples[i] for i in mine[start:start + cfg.eval_batch]]
-        prompts = encode_prompts(task, chunk, tokenizer, cfg.prompt_format)
-        greedy = sample(model, prompts, **stops, amp=amp)
-        counts = [0] * len(chunk)
-        if cfg.eval_samples > 0:
-            generator = sampler_generator(cfg.seed, -1, mine[start], greedy.lengths.device)
-            drawn = sample(model, prompts, **stops, group_size=cfg.eval_samples, generator=generator,
-                           temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, amp=amp)
-            for i, text in enumerate(decode_completions(tokenizer, drawn, stop_text=stops["stop_text"])):
-                counts[i // cfg.eval_samples] += task.reward(text, chunk[i // cfg.eval_samples]) >= 1.0
-        for i, text in enumerate(decode_completions(tokenizer, greedy, stop_text=stops["stop_text"])):
-            records.append({"correct": task.reward(text, chunk[i]) >= 1.0, "length": int(greedy.lengths[i]),
-                            "truncated": bool(greedy.truncated[i]), "n_correct": counts[i]})
-        bar.update(len(chunk))
-    bar.close()
+
+    def decode_all() -> list[dict]:
+        records = []
+        for start in tqdm(range(0, len(mine), cfg.eval_batch), desc="eval", leave=False, disable=rank != 0):
+            chunk = [examples[i] for i in mine[start:start + cfg.eval_batch]]
+            prompts = encode_prompts(task, chunk, tokenizer, cfg.prompt_format)
+            greedy = sample(model, prompts, **stops, amp=amp)
+            counts = [0] * len(chunk)
+            if cfg.eval_samples > 0:
+                generator = sampler_generator(cfg.seed, -1, mine[start], greedy.lengths.device)
+                drawn = sample(model, prompts, **stops, group_size=cfg.eval_samples, generator=generator,
+                               temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, amp=amp)
+                for i, text in enumerate(decode_completions(tokenizer, drawn, stop_text=stops["stop_text"])):
+                    counts[i // cfg.eval_samples] += task.reward(text, chunk[i // cfg.eval_samples]) >= 1.0
+            for i, text in enumerate(decode_completions(tokenizer, greedy, stop_text=stops["stop_text"])):
+                records.append({"correct": task.reward(text, chunk[i]) >= 1.0,
+                                "length": int(greedy.lengths[i]), "truncated": bool(greedy.truncated[i]),
+                                "n_correct": counts[i]})
+        return records
+
+    records = halving_on_oom(cfg, "eval_batch", decode_all, world=world)
     records = gather_lists(records, world)
     correct = torch.tensor([r["correct"] for r in records], dtype=torch.bool)
     lengths = torch.tensor([r["length"] for r in records], dtype=torch.float32)
@@ -1232,9 +1354,8 @@ class Run:
     model: torch.nn.Module           # the policy, fp32 master weights
     tokenizer: object
     stop_ids: list[int]
-    sampler: torch.nn.Module         # the policy itself, or its bf16 copy (--sampler-dtype)
-    ddp_model: torch.nn.Module       # the policy wrapped in DDP under torchrun, else the policy
-    ref_model: torch.nn.Module | None  # the frozen initial policy when beta > 0
+    sampler: torch.nn.Module         # the policy itself, or its bf16 copy (--sampler-dtype); also evaluates
+    ref_model: torch.nn.Module | None  # the frozen initial policy when beta > 0 (bf16 under --dtype bfloat16)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     stream: PromptStream
@@ -1301,7 +1422,7 @@ def start_run(cfg: Config, run_dir: Path, device: torch.device, rank: int, world
     model, tokenizer = load_model(cfg.model, device)
     train_set = fitting(task, train_set, tokenizer, model, cfg, "train")
     eval_set = fitting(task, test_set[:cfg.eval_size or None], tokenizer, model, cfg, "test")
-    ref_model = load_model(cfg.model, device)[0].eval().requires_grad_(False) if cfg.beta > 0 else None
+    ref_model = frozen(load_model(cfg.model, device)[0], cfg.dtype) if cfg.beta > 0 else None
     if cfg.grad_ckpt:
         model.activation_checkpointing_enable()  # transformers 5's name of gradient checkpointing
     if device.type == "cuda":
@@ -1327,8 +1448,7 @@ def start_run(cfg: Config, run_dir: Path, device: torch.device, rank: int, world
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters on {device}", flush=True)
     return Run(run_dir, task, train_set, eval_set, model, tokenizer,
                stop_token_ids(tokenizer, model, cfg.prompt_format), sampler_model(model, cfg.sampler_dtype),
-               torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model, ref_model, optimizer,
-               scheduler, stream, start_step, extra, autocast(device, cfg),
+               ref_model, optimizer, scheduler, stream, start_step, extra, autocast(device, cfg),
                start_wandb(cfg, run_dir) if cfg.wandb and rank == 0 else None)
 
 
@@ -1381,8 +1501,9 @@ def log_step(run: Run, metrics: dict, examples: list[dict], texts: list[str], re
 
 
 def evaluate_run(run: Run, cfg: Config, step: int, *, rank: int, world: int) -> dict:
-    """Evaluate the policy on the run's eval problems; rank 0 prints one line."""
-    result = evaluate(run.model, run.tokenizer, run.task, run.eval_set, cfg, stop_ids=run.stop_ids,
+    """Evaluate the policy (through run.sampler, its copy when bf16) on the eval problems; rank 0 prints
+    one line."""
+    result = evaluate(run.sampler, run.tokenizer, run.task, run.eval_set, cfg, stop_ids=run.stop_ids,
                       amp=run.amp, rank=rank, world=world)
     if rank == 0:
         print(f"eval step {step}: accuracy {result['eval_accuracy']:.4f} on {result['eval_n']} problems, "
@@ -1498,7 +1619,8 @@ def train(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: in
             mine = run.stream.take(cfg.prompts_per_step)[rank * per_rank:][:per_rank]  # this rank's prompts
             examples = [run.train_set[i] for i in mine]
             rollout = collect_rollouts(run.sampler, run.tokenizer, run.task, examples, cfg, step=step,
-                                       stop_ids=run.stop_ids, rank=rank, amp=run.amp, progress=rank == 0)
+                                       stop_ids=run.stop_ids, rank=rank, world=world, amp=run.amp,
+                                       progress=rank == 0)
             texts = decode_completions(run.tokenizer, rollout,
                                        stop_text=completion_stop_text(run.tokenizer, cfg))
             rewards = score(run.task, texts, examples, group_size=cfg.group_size,
@@ -1508,7 +1630,7 @@ def train(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: in
                 fisft_sample_weights(rewards, advantages, cfg.algo, cfg.fisft_weights)    # (n,)
             t1 = time.time()
             stats = optimise(run.model, run.optimizer, rollout, advantages, cfg,
-                             sample_weights=sample_weights, ref_model=run.ref_model, ddp_model=run.ddp_model,
+                             sample_weights=sample_weights, ref_model=run.ref_model,
                              amp=run.amp, world=world)
             run.scheduler.step()
             ensure_finite_weights(run.model, step)
@@ -1524,9 +1646,10 @@ def train(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: in
             if run.extra["nonfinite_in_a_row"] >= cfg.max_nonfinite:
                 raise RunStopped(f"{cfg.max_nonfinite} updates in a row had a non-finite loss or gradient "
                                  f"(last at step {step}); lower --lr or check the data")
+            stopping = any_rank(stop_signal.requested, world)  # one decision: a signal may reach one rank
             if rank == 0:
-                checkpoint_if_due(run, cfg, step, stopping=stop_signal.requested)
-            if stop_signal.requested and step < cfg.steps:  # at the last step: finish the run instead
+                checkpoint_if_due(run, cfg, step, stopping=stopping)
+            if stopping and step < cfg.steps:  # at the last step: finish the run instead
                 if rank == 0:
                     pause_run(run, step)
                 raise SystemExit(EXIT_PAUSED)
@@ -1549,8 +1672,8 @@ def eval_only(cfg: Config, device: torch.device, rank: int, world: int) -> dict:
     torch.manual_seed(cfg.seed)
     with run_dir_lock(out, active=rank == 0):
         stop_ids = stop_token_ids(tokenizer, model, cfg.prompt_format)
-        result = evaluate(model, tokenizer, task, eval_set, cfg, stop_ids=stop_ids, amp=autocast(device, cfg),
-                          rank=rank, world=world)
+        result = evaluate(frozen(model, cfg.sampler_dtype), tokenizer, task, eval_set, cfg, stop_ids=stop_ids,
+                          amp=autocast(device, cfg), rank=rank, world=world)
         result = {"model": cfg.model, "task": cfg.task, "max_new_tokens": cfg.max_new_tokens, **result}
         if rank == 0:
             write_json(out / "eval.json", result)
@@ -1582,7 +1705,7 @@ def resumed_config(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         flag = "--" + key.replace("_", "-")
         if key in ("resume", "plot", "table") or value is None:
             continue
-        if fields[key].type == "bool":
+        if fields[key].type.startswith("bool"):
             if not isinstance(value, bool):
                 raise UsageError(f"{run / 'config.json'}: {key} must be true or false, got {value!r}")
             argv.append(flag if value else "--no-" + flag[2:])

@@ -95,9 +95,12 @@ case "${1:-}" in
   bench)  # rlino against model.generate and TRL's GRPOTrainer (bench/README.md); --quick takes < 10 min on 2 cores
     "$VENV/bin/pip" install -q -r bench/requirements.txt
     "$VENV/bin/python" bench/bench.py "${@:2}" ;;
-  gpu-check)  # on a CUDA machine: the test suite on the GPU, then bench/gpu_check.py (README: "On a GPU")
+  gpu-check)  # on a CUDA machine: the test suite on the GPU, then bench/gpu_check.py at the 0.5B and 1.5B
+    # shapes (README: "On a GPU"), into runs/gpu-check/<size>
     "$VENV/bin/python" -m pytest -q test_rlino.py -x
-    "$VENV/bin/python" bench/gpu_check.py "${@:2}" ;;
+    for size in 0.5b 1.5b; do
+      "$VENV/bin/python" bench/gpu_check.py --size "$size" --out "runs/gpu-check/$size" "${@:2}"
+    done ;;
   *)
     echo "usage: ./run.sh setup | test | demo | length | accuracy | paper ROW | paper-length ROW | bench | gpu-check  [arguments]"
     exit 2 ;;

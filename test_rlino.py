@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 from hypothesis import HealthCheck, given, settings, strategies as st
 from transformers import DynamicCache
 
@@ -140,7 +141,8 @@ def random_rollout(n_prompts=3, group_size=4, vocab=100, seed=0, device="cpu") -
     completion_ids = torch.randint(4, vocab, (n, width), generator=g)
     completion_mask = (torch.arange(width)[None] < lengths[:, None]).float()
     fields = (prompt_ids.repeat_interleave(group_size, 0), prompt_mask.repeat_interleave(group_size, 0),
-              completion_ids, completion_mask, lengths, torch.zeros(n, dtype=torch.bool), torch.ones(n))
+              completion_ids, completion_mask, lengths, torch.zeros(n, dtype=torch.bool), torch.ones(n),
+              torch.zeros(n, width))
     return rlino.Rollout(*(x.to(device) for x in fields))
 
 
@@ -414,6 +416,36 @@ def test_completion_logprobs_equal_a_full_forward(tiny, mixed):
     assert (logprobs[rollout.completion_mask == 0] == 0).all() and (rollout.completion_mask == 0).any()
 
 
+def test_the_lm_head_in_chunks_gives_the_same_logprobs_and_gradients(tiny, mixed, monkeypatch):
+    """The LM head over chunks of 3 positions, each recomputed in the backward pass (checkpointed), gives the
+    log-probs and the gradients of one chunk over every position; under bf16 autocast the head runs in
+    fp32."""
+    model, _ = tiny
+    rollout, _, adv = mixed
+    calls = []
+    monkeypatch.setattr(rlino, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+
+    def logprobs_and_gradients():
+        model.zero_grad()
+        logprobs = rlino.completion_logprobs(model, rollout, temperature=0.6)
+        (logprobs * adv[:, None]).sum().backward()
+        return logprobs.detach(), gradients(model)
+
+    whole = logprobs_and_gradients()
+    assert not calls  # one chunk: nothing to recompute
+    monkeypatch.setattr(rlino, "HEAD_CHUNK", 3 * model.config.vocab_size)
+    chunked = logprobs_and_gradients()
+    assert len(calls) == math.ceil(rollout.completion_mask.sum().item() / 3)
+    torch.testing.assert_close(chunked[0], whole[0], atol=1e-6, rtol=1e-6)
+    # the head's weight gradient sums its positions in another order: fp32 rounding of entries up to ~10
+    assert_same_gradients(chunked[1], whole[1], atol=1e-5, rtol=1e-4)
+    hidden = torch.randn(5, model.config.hidden_size, device=model.device)
+    targets = torch.arange(5, device=model.device)
+    with torch.autocast(model.device.type, dtype=torch.bfloat16):
+        autocast = rlino.head_logprobs(hidden, model.lm_head, targets, 0.6)
+    assert torch.equal(autocast, rlino.head_logprobs(hidden, model.lm_head, targets, 0.6))
+
+
 def test_micro_batching_does_not_change_the_gradient(tiny, mixed):
     """L is a sum over tokens: accumulating it over micro-batches of 1 or of 12 rows gives one gradient."""
     model, _ = tiny
@@ -558,12 +590,22 @@ def test_sampler_draws_from_exp_of_the_update_logprobs(tiny, monkeypatch):
     untempered = rlino.completion_logprobs(model, rollout, temperature=1.0).detach()
     assert (untempered - sampled).abs().max() > 0.01  # the temperature matters
     torch.testing.assert_close(rollout.entropy, entropy.sum(-1) / rollout.lengths)
+    torch.testing.assert_close(rollout.sampler_logprobs, sampled)  # kept for the mismatch metrics
+
+
+@pytest.fixture(params=[1, 4], ids=["look-every-token", "look-every-4"])
+def check_every(request, monkeypatch) -> int:
+    """The sampler looks for finished rows at every token (CPUs) or every 4 (as on GPUs, where each look
+    waits for the device)."""
+    monkeypatch.setattr(rlino, "CHECK_EVERY", {"cpu": request.param, "cuda": request.param})
+    return request.param
 
 
 @pytest.mark.parametrize("group_size", [1, 3])
-def test_sampler_greedy_equals_generate(tiny, group_size):
+def test_sampler_greedy_equals_generate(tiny, group_size, check_every):
     """Greedy, every row equals generate's, also when G rows share their prompt's cache and after rows of
-    other groups have stopped and left the batch."""
+    other groups have stopped and left the batch, whether the sampler looks for them at every token or
+    every 4."""
     model, tokenizer = tiny
     model.eval()
     prompts = [tokenizer(t)["input_ids"] for t in ["What is 2+2?", "Hi", "A longer prompt, of more tokens."]]
@@ -713,7 +755,7 @@ STEP_KEYS = {"step", "reward_mean", "loss", "grad_norm", "lr", "len_mean", "len_
 
 def test_training_samples_from_the_updated_policy(tiny_dir, tmp_path, monkeypatch):
     """With --sampler-dtype bfloat16, each step's rollouts come from the policy as the previous update left it
-    (rounded to bf16), and the evaluation from the policy itself."""
+    (rounded to bf16), and the evaluations from that same copy."""
     monkeypatch.setattr(tasks.get_task("arith"), "reward", alternating_reward())
     sampled_with, policy_after, evaluated_with = [], [], []
     real_collect, real_optimise, real_evaluate = rlino.collect_rollouts, rlino.optimise, rlino.evaluate
@@ -736,11 +778,32 @@ def test_training_samples_from_the_updated_policy(tiny_dir, tmp_path, monkeypatc
     monkeypatch.setattr(rlino, "evaluate", evaluate)
     rlino.main([*TINY_RUN, "--steps", "3", "--sampler-dtype", "bfloat16", "--model", str(tiny_dir),
                 "--out", str(tmp_path / "run")])
-    assert len(sampled_with) == 3 and len(policy_after) == 3 and evaluated_with == [torch.float32] * 2
+    assert len(sampled_with) == 3 and len(policy_after) == 3 and evaluated_with == [torch.bfloat16] * 2
     for step in (1, 2):
         assert all(torch.equal(mine, policy.to(torch.bfloat16))
                    for mine, policy in zip(sampled_with[step], policy_after[step - 1]))
     assert not all(torch.equal(a, b) for a, b in zip(sampled_with[1], sampled_with[2]))
+
+
+def test_the_train_inference_mismatch_is_measured(tiny_dir, tmp_path, monkeypatch):
+    """sampler_logp_diff (mean |log pi_policy - log pi_sampler| over the update's tokens) and
+    sampler_ratio_max: near 0 and 1 when the rollouts come from the fp32 policy itself, visibly above with
+    its bf16 copy."""
+    monkeypatch.setattr(tasks.get_task("arith"), "reward", alternating_reward())
+    steps = {}
+    for dtype in ("float32", "bfloat16"):
+        rlino.main([*TINY_RUN, "--model", str(tiny_dir), "--out", str(tmp_path / dtype),
+                    "--sampler-dtype", dtype])
+        lines = [json.loads(x) for x in (tmp_path / dtype / "metrics.jsonl").read_text().splitlines()]
+        steps[dtype] = [m for m in lines if "loss" in m]
+        print(dtype, [(m["sampler_logp_diff"], m["sampler_ratio_max"]) for m in steps[dtype]])
+    assert len(steps["float32"]) == 2 and all(m["update_rows"] > 0 for m in steps["float32"])
+    assert all(m["sampler_logp_diff"] < 1e-5 and abs(m["sampler_ratio_max"] - 1) < 1e-4
+               for m in steps["float32"])
+    # measured 1.3e-7 and 8e-4 .. 1.1e-3 (the tiny model's logits are small: the embedded model's differ more)
+    for a, b in zip(steps["float32"], steps["bfloat16"]):
+        assert b["sampler_logp_diff"] > max(1e-4, 1000 * a["sampler_logp_diff"])
+        assert b["sampler_ratio_max"] > 1
 
 
 @pytest.mark.parametrize("algo", rlino.ALGOS)
@@ -820,7 +883,7 @@ def test_llama3_prompts_do_not_carry_todays_date(tmp_path):
     assert f"Today Date: {rlino.TEMPLATE_DATE}" in prompt and rlino.TEMPLATE_DATE == "26 Jul 2024"
 
 
-def test_plain_prompts_end_at_the_stop_text_and_what_follows_counts_for_nothing(tiny):
+def test_plain_prompts_end_at_the_stop_text_and_what_follows_counts_for_nothing(tiny, check_every):
     """--stop-text with plain prompts: a row ends at the token that completes the text (greedy rows equal
     generate's up to there), is not truncated, and its decoded answer stops before the text; chat prompts
     use the template's end of turn instead."""
@@ -872,7 +935,7 @@ def test_embedded_smollm2_loads_samples_and_updates():
 @pytest.mark.parametrize("text", ["The sum is 4.\nUser: and now?", "4\n\nUser: next",
                                   "Résumé: 4 €\nUser:x"])
 def test_the_stop_text_is_found_where_real_bpe_tokens_complete_it(text):
-    """The sampler looks for --stop-text in each row's last tokens (contain_text): on SmolLM2's byte-level
+    """The sampler looks for --stop-text in each row's last tokens (first_stop_text): on SmolLM2's byte-level
     BPE (where '\n', 'User' and ':' are tokens or merge with their neighbours, and a character can be several
     tokens) it first finds it at the token that completes it."""
     if not (rlino.dequantised_cache_dir() / "config.json").exists():
@@ -880,8 +943,8 @@ def test_the_stop_text_is_found_where_real_bpe_tokens_complete_it(text):
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(rlino.dequantised_cache_dir())
     ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-    found = [bool(rlino.contain_text(tokenizer, ids[:, :t + 1], "\nUser:")) for t in range(ids.shape[1])]
-    first = found.index(True)
+    first = rlino.first_stop_text(tokenizer, ids, "\nUser:", since=0)[0]
+    assert rlino.first_stop_text(tokenizer, ids, "\nUser:", since=first) == [first]
     assert "\nUser:" in tokenizer.decode(ids[0, :first + 1])
     assert "\nUser:" not in tokenizer.decode(ids[0, :first])
 
@@ -1143,9 +1206,10 @@ def test_cuda_out_of_memory_halves_the_batch_until_it_fits(tiny_dir, tmp_path, m
     assert (out / "model").exists()
     monkeypatch.setattr(rlino, "sample",
                         lambda *a, **k: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("x")))
-    with pytest.raises(torch.cuda.OutOfMemoryError):  # at 1 it gives up
-        rlino.main([*TINY_RUN, "--model", str(tiny_dir), "--out", str(tmp_path / "b"), "--sample-batch", "1",
-                    "--eval-size", "1", "--eval-batch", "1"])
+    at_one = ["--sample-batch", "1", "--eval-size", "1", "--eval-batch", "1"]
+    line = fails_with_one_line([*TINY_RUN, "--model", str(tiny_dir), "--out", str(tmp_path / "b"), *at_one],
+                               capsys, code=1)
+    assert "CUDA out of memory even at --eval-batch 1" in line
 
 
 # ---------------------------------------------------------------------- faults: nothing lost, nothing crashes
@@ -1410,8 +1474,10 @@ def test_non_finite_weights_never_reach_the_sampler(tiny_dir, tmp_path, monkeypa
     line = fails_with_one_line([*TINY_RUN, "--model", str(tiny_dir), "--out", str(tmp_path / "r")],
                                capsys, code=1)
     assert "non-finite in the update of step 1" in line
+    model, _ = rlino.load_model(str(tiny_dir), torch.device("cpu"))
+    model.lm_head.weight.data[3, 0] = float("nan")  # one logit NaN: its row's softmax, and so its CDF
     with pytest.raises(rlino.RunStopped, match="non-finite"):
-        rlino.next_tokens(torch.full((2, 5), float("nan")), 1.0, 1.0, None)
+        rlino.sample(model, [[5, 6, 7]], max_new_tokens=4, stop_ids=[2], temperature=1.0)
 
 
 def test_readers_skip_a_torn_line_and_bad_outputs_are_one_line(tmp_path, capsys):
@@ -1677,36 +1743,63 @@ def test_gpu_check_runs_at_tiny_size_on_the_cpu(tmp_path):
 
 # --------------------------------------------------------------------------- data parallel (torchrun, gloo)
 LAUNCHER = """
-import sys
+import os, signal, sys
 sys.path.insert(0, {here!r})
-import rlino, tasks, test_rlino
+import torch, rlino, tasks, test_rlino
 tasks.get_task("arith").reward = test_rlino.alternating_reward()  # every group mixed, whatever the rank
+rank, real_logprobs, real_optimise = os.environ.get("RANK", "0"), rlino.completion_logprobs, rlino.optimise
+
+
+def logprobs(model, rows, **kwargs):  # with OOM_RANK: that rank runs out of memory above OOM_ROWS rows
+    if rank == os.environ.get("OOM_RANK") and len(rows.lengths) > int(os.environ["OOM_ROWS"]):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+    return real_logprobs(model, rows, **kwargs)
+
+
+def optimise(*args, **kwargs):  # with SIGTERM_RANK: that rank alone gets a SIGTERM in step 1
+    if rank == os.environ.get("SIGTERM_RANK") and not os.environ.get("SIGNALLED"):
+        os.environ["SIGNALLED"] = "1"
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real_optimise(*args, **kwargs)
+
+
+rlino.completion_logprobs, rlino.optimise = logprobs, optimise
 rlino.main(sys.argv[1:])
 """
 
 
-def one_and_two_processes(tiny_dir, tmp_path, args: list[str]) -> tuple[dict, dict]:
-    """The tiny run on one process and on 2 gloo ranks (DDP): each one's metrics lines and last parameters."""
+def launch(tmp_path, args: list[str], *, ranks: int, timeout: int = 300,
+           **env) -> subprocess.CompletedProcess:
+    """The tiny run through LAUNCHER, on one process or on `ranks` gloo ranks (torchrun)."""
     launcher = tmp_path / "launch.py"
     launcher.write_text(LAUNCHER.format(here=str(HERE)))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+    return subprocess.run([*(torchrun if ranks > 1 else [sys.executable]), str(launcher), *args],
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env})
+
+
+def two_rank_args(tiny_dir, args: list[str]) -> list[str]:
     # even eval counts keep the rewards aligned
-    args = [*TINY_RUN, "--model", str(tiny_dir), "--prompts-per-step", "4", "--sample-batch", "2",
+    return [*TINY_RUN, "--model", str(tiny_dir), "--prompts-per-step", "4", "--sample-batch", "2",
             "--eval-size", "4", "--lr", "1e-3", *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, str(launcher), *args, "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node", "2", str(launcher), *args, "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    print(two.stdout)
+
+
+def metrics_and_parameters(tmp_path, names: tuple[str, ...]) -> tuple[dict, dict]:
+    """Each run folder's metrics lines and final parameters."""
     from transformers import AutoModelForCausalLM
     metrics = {n: [json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
-               for n in ("one", "two")}
-    params = {n: AutoModelForCausalLM.from_pretrained(tmp_path / n / "model").state_dict()
-              for n in ("one", "two")}
+               for n in names}
+    params = {n: AutoModelForCausalLM.from_pretrained(tmp_path / n / "model").state_dict() for n in names}
     return metrics, params
+
+
+def one_and_two_processes(tiny_dir, tmp_path, args: list[str]) -> tuple[dict, dict]:
+    """The tiny run on one process and on 2 gloo ranks: each one's metrics lines and last parameters."""
+    for name, ranks in (("one", 1), ("two", 2)):
+        done = launch(tmp_path, [*two_rank_args(tiny_dir, args), "--out", str(tmp_path / name)], ranks=ranks)
+        assert done.returncode == 0, done.stderr[-3000:]
+    return metrics_and_parameters(tmp_path, ("one", "two"))
 
 
 @pytest.mark.parametrize("loss_agg, algorithm", [
@@ -1753,6 +1846,45 @@ def test_two_processes_under_bf16_autocast_stay_near_one_process(tiny_dir, tmp_p
     relative = ((steps["one"] - steps["two"]).norm() / steps["one"].norm()).item()
     print(f"bf16 autocast, 1 vs 2 ranks: parameter step relative L2 difference {relative:.2e}")
     assert relative < 0.10
+
+
+def test_an_out_of_memory_error_on_one_rank_halves_every_rank_and_cannot_hang(tiny_dir, tmp_path):
+    """Rank 1 alone runs out of memory on micro-batches of 4 rows: both ranks agree, halve to 2 and go on,
+    and the run equals one started at 2; out of memory even at 1 row, every rank stops with one line. A hang
+    would end in the subprocess timeout."""
+    common = two_rank_args(tiny_dir, ["--steps", "1"])
+    t0 = time.time()
+    halved = launch(tmp_path, [*common, "--micro-batch", "4", "--out", str(tmp_path / "oom")], ranks=2,
+                    timeout=180, OOM_RANK="1", OOM_ROWS="2")
+    assert halved.returncode == 0, halved.stderr[-3000:]
+    assert "retrying with --micro-batch 2" in halved.stdout
+    print(f"2 ranks, one out of memory, halved: {time.time() - t0:.1f} s")
+    started = launch(tmp_path, [*common, "--micro-batch", "2", "--out", str(tmp_path / "at2")], ranks=2)
+    assert started.returncode == 0, started.stderr[-3000:]
+    metrics, params = metrics_and_parameters(tmp_path, ("oom", "at2"))
+    assert len(metrics["oom"]) == len(metrics["at2"]) == 2
+    for a, b in zip(*(map(comparable, metrics[n]) for n in ("oom", "at2"))):
+        assert a == b, {k: (v, b.get(k)) for k, v in a.items() if v != b.get(k)}
+    for name in params["oom"]:
+        assert torch.equal(params["oom"][name], params["at2"][name]), name
+    t0 = time.time()
+    stopped = launch(tmp_path, [*common, "--micro-batch", "1", "--out", str(tmp_path / "never")], ranks=2,
+                     timeout=180, OOM_RANK="1", OOM_ROWS="0")
+    assert stopped.returncode != 0
+    assert stopped.stderr.count("rlino: stopped: CUDA out of memory even at --micro-batch 1") == 2, \
+        stopped.stderr[-3000:]
+    print(f"2 ranks, one out of memory at 1 row, stopped: {time.time() - t0:.1f} s")
+
+
+def test_a_stop_signal_to_one_rank_stops_every_rank_after_the_step(tiny_dir, tmp_path):
+    """SIGTERM reaches rank 1 alone in step 1: the ranks agree, step 1 is checkpointed, and both stop with
+    exit code 3 (unfinished) instead of rank 0 going on alone into step 2."""
+    run = tmp_path / "run"
+    done = launch(tmp_path, [*two_rank_args(tiny_dir, ["--steps", "3"]), "--out", str(run)], ranks=2,
+                  timeout=180, SIGTERM_RANK="1")
+    assert done.returncode != 0 and "stopped at step 1" in done.stdout, done.stdout + done.stderr[-3000:]
+    assert f"exitcode  : {rlino.EXIT_PAUSED}" in done.stderr  # torchrun's report of its failed ranks
+    assert [p.name for p in rlino.checkpoint_paths(run)] == ["step-1.pt"] and logged_steps(run) == [0, 1]
 
 
 # --------------------------------------------------------------------------- tasks: verifiers and data

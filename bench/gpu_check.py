@@ -1,23 +1,26 @@
 """gpu_check.py — does rlino run at the paper's shape on this GPU, and how long would one paper run take?
 
 Run it (from the repository root, in the venv; no network):
-    ./run.sh gpu-check                                  # the test suite on CUDA, then this (< 8 min, H200)
-    python bench/gpu_check.py                           # paper size on CUDA if there is one, else tiny on CPU
+    ./run.sh gpu-check                                  # the test suite on CUDA, then this at 0.5B and 1.5B
+    python bench/gpu_check.py --size 1.5b               # one shape (default: 0.5b on CUDA, tiny on a CPU)
     python bench/gpu_check.py --device cpu --size tiny  # the same code in seconds on a CPU (the tests run it)
 
-A Qwen2.5-0.5B-shaped model (Qwen2ForCausalLM, random weights, seeded; fp32 master weights) with a real
+A Qwen2.5-0.5B- or 1.5B-shaped model (Qwen2ForCausalLM, random weights, seeded; fp32 master weights) with a real
 tokenizer (the embedded SmolLM2-135M-Instruct's, offline) and GSM8K test prompts through the chat template
 (from --data-dir or $RLINO_DATA_DIR; without one, the synthetic arith task), at the paper's settings (rlino's
 cuda preset: 64 prompts x G = 5, up to 1,024 new tokens, temperature 0.6, micro-batch 16, bf16 autocast):
   a. sampler:    rlino.sample against model.generate (num_return_sequences = G), both on the bf16 copy of
                  the weights that training samples from (rlino.sampler_model): useful tokens/s, peak memory.
-  b. GRPO step:  rlino.update and the AdamW step on the rollout rlino sampled in (a), advantages +1, -1, ...
-                 so that no row is skipped, without and with gradient checkpointing: seconds, peak memory.
-  c. evaluation: one greedy batch of the eval preset (128 prompts) on the fp32 policy under autocast, as
-                 rlino.evaluate decodes; cut at 256 new tokens and scaled to 1,024 in the projection.
+  b. GRPO step:  rlino.optimise (update, AdamW step, gradients freed) on the rollout rlino sampled in (a),
+                 advantages +1, -1, ... so that no row is skipped, without and with gradient checkpointing
+                 (the cuda preset's): seconds, peak memory.
+  c. evaluation: one greedy batch of the eval preset (128 prompts) on the bf16 copy, as rlino.evaluate
+                 decodes; cut at 256 new tokens and scaled to 1,024 in the projection.
   d. projection: one paper run = 200 steps x (a + b) + 9 evaluations of the 1,319 GSM8K test problems.
 Random weights almost never emit a stop token, so completions run to the cap: the worst case for every
 figure, and the projection is an upper bound. Each measurement runs once, after a warm-up at a small size.
+Peak memory is per phase (torch.cuda.max_memory_allocated, reset before each): it includes what stays
+allocated throughout (weights, the bf16 copy, AdamW's state).
 Writes OUT/gpu_check.json (every figure, versions, device, sizes) and OUT/gpu_check.md (the table, printed).
 """
 from __future__ import annotations
@@ -40,15 +43,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # rlino.py and 
 import rlino  # noqa: E402
 import tasks  # noqa: E402
 
-# Qwen2.5-0.5B's shape (494M parameters), and a tiny one that runs the same code in seconds on a CPU.
+# Qwen2.5-0.5B's and 1.5B's shapes (494M and 1,544M parameters), and a tiny one that runs the same code in
+# seconds on a CPU.
 SHAPES = {
-    "paper": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                  num_key_value_heads=2),
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2),
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2),
 }
 TINY = dict(prompts_per_step=2, group_size=2, sample_batch=2, max_new_tokens=8, micro_batch=2, eval_batch=2)
-EVAL_TOKENS = {"paper": 256, "tiny": 8}  # new tokens of the timed evaluation batch
+EVAL_TOKENS = {"0.5b": 256, "1.5b": 256, "tiny": 8}  # new tokens of the timed evaluation batch
 GSM8K_TEST_PROBLEMS = 1319                # what each evaluation of a paper run decodes
 WARMUP = dict(group_size=2, max_new_tokens=8)  # the sampler calls of the warm-up, on 2 prompts
 
@@ -59,8 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="rlino at the paper's shape on one GPU (bench/gpu_check.py)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if cuda else "cpu",
                    help="default: cuda when torch sees one")
-    p.add_argument("--size", choices=("paper", "tiny"), default=None,
-                   help="model and batch sizes (default: paper on cuda, tiny on cpu)")
+    p.add_argument("--size", choices=tuple(SHAPES), default=None,
+                   help="model shape, at the paper's batch sizes but tiny's (default: 0.5b on cuda, tiny on cpu)")
     p.add_argument("--out", default="runs/gpu-check", help="folder for gpu_check.json and gpu_check.md "
                                                            "(default: runs/gpu-check)")
     p.add_argument("--data-dir", default=None, help="folder with gsm8k/test.jsonl (default: $RLINO_DATA_DIR; "
@@ -70,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.device == "cuda" and not cuda:
         p.error("--device cuda asked for, but torch sees no CUDA device")
-    args.size = args.size or ("paper" if args.device == "cuda" else "tiny")
+    args.size = args.size or ("0.5b" if args.device == "cuda" else "tiny")
     args.device = torch.device(args.device)
     return args
 
@@ -79,7 +85,7 @@ def check_config(size: str) -> rlino.Config:
     """The paper's settings (rlino's cuda preset, whatever the device), shrunk for the tiny size. The run's
     length (steps, eval_every) stays the paper's in both: the projection is always of one paper run."""
     cfg = rlino.resolve_config(rlino.Config(task="gsm8k"), torch.device("cuda"))
-    return cfg if size == "paper" else dataclasses.replace(cfg, **TINY)
+    return cfg if size != "tiny" else dataclasses.replace(cfg, **TINY)
 
 
 def clock(device: torch.device) -> float:
@@ -115,8 +121,8 @@ def load_tokenizer(path: str | None):
 
 
 def qwen_shaped(size: str, tokenizer, seed: int, device: torch.device):
-    """Qwen2.5-0.5B's architecture (or the tiny one) with random fp32 weights, built on the CPU so that they
-    do not depend on the device."""
+    """Qwen2.5-0.5B's or 1.5B's architecture (or the tiny one) with random fp32 weights, built on the CPU so
+    that they do not depend on the device."""
     config = Qwen2Config(vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
                          tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
@@ -160,9 +166,9 @@ def sampler_figures(lengths: torch.Tensor, seconds: float, peak: float | None) -
 
 
 def grpo_step(model, optimizer, rollout: rlino.Rollout, cfg: rlino.Config, amp, *, grad_ckpt: bool) -> dict:
-    """One update as rlino.train runs it (rlino.update: micro-batched forward/backward and clip; then the
-    AdamW step), with advantages +1, -1, ...: no row has a zero advantage, so none is skipped."""
-    device = rollout.completion_ids.device
+    """One update as rlino.train runs it (rlino.optimise: micro-batched forward/backward, clip, the AdamW
+    step, gradients freed), with advantages +1, -1, ...: no row has a zero advantage, so none is skipped."""
+    device, cfg = rollout.completion_ids.device, dataclasses.replace(cfg)  # its own copy: OOM halving edits it
     if grad_ckpt:
         model.activation_checkpointing_enable()
     else:
@@ -170,14 +176,10 @@ def grpo_step(model, optimizer, rollout: rlino.Rollout, cfg: rlino.Config, amp, 
     model.train()
     advantages = torch.where(torch.arange(len(rollout.lengths), device=device) % 2 == 0, 1.0, -1.0)  # (N,)
 
-    def step() -> dict:
-        stats = rlino.update(model, optimizer, rollout, advantages, cfg, amp=amp)
-        optimizer.step()
-        return stats
-
-    stats, seconds, peak = timed(device, step)
+    stats, seconds, peak = timed(device, lambda: rlino.optimise(model, optimizer, rollout, advantages, cfg,
+                                                                amp=amp))
     return {"s": seconds, "peak_gib": peak, "update_rows": stats["update_rows"],
-            "grad_norm": stats["grad_norm"]}
+            "grad_norm": stats["grad_norm"], "micro_batch": cfg.micro_batch}
 
 
 def projection(cfg: rlino.Config, sample_s: float, update_s: float, eval_batch_s: float) -> dict:
@@ -219,10 +221,10 @@ def markdown(r: dict) -> str:
     for key, name in (("no_ckpt", "b. GRPO step (update + AdamW)"),
                       ("grad_ckpt", "b. GRPO step, --grad-ckpt")):
         g = r["grpo_step"][key]
-        lines.append(f"| {name} | {g['update_rows']} rows, micro-batch {s['micro_batch']} | {g['s']:.1f} | | "
+        lines.append(f"| {name} | {g['update_rows']} rows, micro-batch {g['micro_batch']} | {g['s']:.1f} | | "
                      f"{gib(g['peak_gib'])} |")
     e = r["eval_batch"]
-    lines.append(f"| c. eval batch, greedy on the policy | {s['eval_batch']} x 1, {s['eval_tokens']} new | "
+    lines.append(f"| c. eval batch, greedy on the bf16 copy | {s['eval_batch']} x 1, {s['eval_tokens']} new | "
                  f"{e['s']:.1f} | {e['tokens_per_s']:,.0f} | {gib(e['peak_gib'])} |")
     for key, name in (("no_ckpt", "d. one paper run, projected"), ("grad_ckpt", "d. same, --grad-ckpt")):
         p = r["projection"][key]
@@ -287,11 +289,11 @@ def main(argv=None) -> dict:
                             "grad_ckpt": grpo_step(model, optimizer, rollout, cfg, amp, grad_ckpt=True)}
     model.activation_checkpointing_disable()
 
-    print(f"c. eval batch: {cfg.eval_batch} prompts, greedy, {eval_tokens} new tokens on the policy ...",
+    print(f"c. eval batch: {cfg.eval_batch} prompts, greedy, {eval_tokens} new tokens on the bf16 copy ...",
           flush=True)
-    model.eval()
+    rlino.refresh_sampler(sampler, model)
     greedy, seconds, peak = timed(device, lambda: rlino.sample(
-        model, prompts[:cfg.eval_batch], max_new_tokens=eval_tokens, stop_ids=stop_ids, amp=amp))
+        sampler, prompts[:cfg.eval_batch], max_new_tokens=eval_tokens, stop_ids=stop_ids, amp=amp))
     results["eval_batch"] = sampler_figures(greedy.lengths, seconds, peak)
 
     eval_batch_s = seconds * T / eval_tokens  # one evaluation batch decoding up to max_new_tokens
