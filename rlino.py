@@ -38,6 +38,7 @@ import contextlib
 import dataclasses
 import fcntl
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -391,6 +392,19 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     return after[:1] if after and after[0] in special else []
 
 
+# transformers 5.24 renamed two things that 5.17 (on the GPU machines) still calls by their old names.
+def cache_argument(model) -> str:
+    """The name of the forward's KV-cache argument: `cache` in transformers 5.24, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def set_grad_ckpt(model, on: bool) -> None:
+    """Gradient (activation) checkpointing on or off: activation_checkpointing_* in transformers 5.24,
+    gradient_checkpointing_* before."""
+    kind = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    getattr(model, f"{kind}_checkpointing_{'enable' if on else 'disable'}")()
+
+
 def autocast(device: torch.device, cfg: Config):
     """bf16 autocast (fp32 master weights, fp32 optimizer) where the resolved --dtype says bfloat16."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else NO_AMP
@@ -648,7 +662,7 @@ def prefill(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cache: C
     last = torch.tensor([prompt_ids.shape[1] - 1], device=prompt_ids.device)  # see completion_logprobs
     with amp:
         out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions(prompt_mask),
-                    cache=cache, use_cache=True, logits_to_keep=last)
+                    **{cache_argument(model): cache}, use_cache=True, logits_to_keep=last)
     cache.batch_repeat_interleave(group_size)
     return out.logits[:, -1].float().repeat_interleave(group_size, dim=0)
 
@@ -701,7 +715,7 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: li
         attention = torch.cat([attention, attention.new_ones(len(live), 1)], dim=-1)
         with amp:
             out = model(input_ids=token[:, None], attention_mask=decode_mask(model, attention),
-                        position_ids=next_position[:, None], cache=cache, use_cache=True)
+                        position_ids=next_position[:, None], **{cache_argument(model): cache}, use_cache=True)
         logits, next_position = out.logits[:, -1].float(), next_position + 1
     width = int(lengths.max())
     completion_mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).float()  # (N, width)
@@ -930,18 +944,18 @@ def head_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Te
 
 def completion_logprobs(model, rows: Rollout, *, temperature: float, amp=NO_AMP) -> torch.Tensor:
     """(n, T) log pi(token) of each completion token under softmax(logits / T), 0 after its end. One forward
-    over prompt + completion up to the last hidden states of the positions that predict a completion token (a
-    boolean logits_to_keep: no padding, and one contiguous (k, d) block: on a strided slice the head's matmul
-    would copy its weight once per row); then the LM head over chunks of HEAD_CHUNK logits, each recomputed
-    in the backward pass (checkpointed) when there is more than one, so that the (k, V) logits never exist
-    at once (Qwen's 151,936-token vocabulary: 0.6 MB a token in fp32)."""
+    over prompt + completion to the last hidden states; those of the positions that predict a completion token
+    are gathered into one contiguous (k, d) block (no padding; on a strided slice the head's matmul would copy
+    its weight once per row) and go through the LM head in chunks of HEAD_CHUNK logits, each recomputed in the
+    backward pass (checkpointed) when there is more than one, so that the (k, V) logits never exist at once
+    (Qwen's 151,936-token vocabulary: 0.6 MB a token in fp32)."""
     input_ids = torch.cat([rows.prompt_ids, rows.completion_ids], dim=1)    # (n, P + T)
     attention = torch.cat([rows.prompt_mask, rows.completion_mask.long()], dim=1)
     in_completion = rows.completion_mask.bool()                              # (n, T)
     predicts = F.pad(in_completion, (rows.prompt_ids.shape[1] - 1, 1))       # (n, P + T): p predicts p + 1
     with amp, without_lm_head(model) as head:
         hidden = model(input_ids=input_ids, attention_mask=attention, position_ids=positions(attention),
-                       use_cache=False, logits_to_keep=predicts).logits     # (k, d), k = completion tokens
+                       use_cache=False).logits[predicts]                    # (k, d), k = completion tokens
     targets = rows.completion_ids[in_completion]                             # (k,)
     size = max(1, HEAD_CHUNK // head.weight.shape[0])                        # positions per chunk
     chunks = list(zip(hidden.split(size), targets.split(size)))
@@ -1424,7 +1438,7 @@ def start_run(cfg: Config, run_dir: Path, device: torch.device, rank: int, world
     eval_set = fitting(task, test_set[:cfg.eval_size or None], tokenizer, model, cfg, "test")
     ref_model = frozen(load_model(cfg.model, device)[0], cfg.dtype) if cfg.beta > 0 else None
     if cfg.grad_ckpt:
-        model.activation_checkpointing_enable()  # transformers 5's name of gradient checkpointing
+        set_grad_ckpt(model, True)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -462,10 +462,38 @@ def test_gradient_checkpointing_gives_the_same_gradient(tiny, mixed):
     cfg = resolved(max_new_tokens=12, micro_batch=6, max_grad_norm=1e9)
     model.train()
     plain, _ = gradient_of_update(model, rollout, adv, cfg)
-    model.activation_checkpointing_enable()  # what --grad-ckpt turns on
+    rlino.set_grad_ckpt(model, True)  # what --grad-ckpt turns on
     checkpointed, _ = gradient_of_update(model, rollout, adv, cfg)
     assert model.is_activation_checkpointing
     assert_same_gradients(checkpointed, plain)
+    rlino.set_grad_ckpt(model, False)
+
+
+def test_the_sampler_and_the_update_run_on_the_gpu_machines_transformers(tiny, monkeypatch):
+    """transformers 5.17 (the GPU machines') calls the forward's KV-cache argument past_key_values, not cache,
+    and slices logits_to_keep by an int or an index tensor only: through a forward of that signature, the
+    greedy sampler still equals generate and the update's log-probs a full forward."""
+    model, tokenizer = tiny
+    model.eval()
+    prompts = [tokenizer(t)["input_ids"] for t in ["What is 2+2?", "Hi"]]
+    expected = rlino.sample(model, prompts, max_new_tokens=8, stop_ids=[2], group_size=2)
+    real = model.forward
+
+    def forward_of_5_17(input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                        use_cache=None, logits_to_keep=0, **kwargs):
+        assert "cache" not in kwargs
+        assert not (torch.is_tensor(logits_to_keep) and logits_to_keep.dtype == torch.bool)
+        return real(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    cache=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+
+    monkeypatch.setattr(model, "forward", forward_of_5_17)
+    assert rlino.cache_argument(model) == "past_key_values"
+    rollout = rlino.sample(model, prompts, max_new_tokens=8, stop_ids=[2], group_size=2)
+    assert torch.equal(rollout.completion_ids, expected.completion_ids)  # which equals generate's: see above
+    rollout = random_rollout(vocab=model.config.vocab_size, device=model.device)
+    with torch.no_grad():
+        torch.testing.assert_close(rlino.completion_logprobs(model, rollout, temperature=0.6),
+                                   full_forward_logprobs(model, rollout, 0.6))
 
 
 # --------------------------------------------------------------------------- (c) clipping and KL
@@ -620,8 +648,24 @@ def test_sampler_greedy_equals_generate(tiny, group_size, check_every):
     for row in range(3 * group_size):
         n, reference = int(rollout.lengths[row]), expected[row // group_size]
         assert rollout.completion_ids[row, :n].tolist() == reference[:n].tolist()
+        assert (rollout.completion_ids[row, n:] == stop).all()  # what a row drew after its end is cut off
         assert bool(rollout.truncated[row]) == (stop not in reference.tolist())
         assert rollout.completion_mask[row].sum() == n
+
+
+def test_rows_end_at_their_first_stop_and_what_follows_is_cut_off(tiny, check_every):
+    """Sampled rows end at their first stop token, also when the sampler looks for ended rows only every 4
+    tokens: no stop token before it, padding after it, and a log-prob of 0 there."""
+    model, tokenizer = tiny
+    stop = tokenizer.convert_tokens_to_ids(list("aeiou0123456789"))
+    prompts = [tokenizer(t)["input_ids"] for t in ["What is 2+2?", "Hi", "Say something.", "x"]]
+    rollout = rlino.sample(model, prompts, max_new_tokens=12, stop_ids=stop, group_size=8, temperature=1.0,
+                           generator=rlino.sampler_generator(0, 0, 0, model.device))
+    assert rollout.lengths.min() < rollout.lengths.max(), "the test needs rows that stop at different steps"
+    for row, n in enumerate(rollout.lengths.tolist()):
+        ids = rollout.completion_ids[row].tolist()
+        assert not set(ids[:n - 1]) & set(stop) and (ids[n - 1] in stop) == (not rollout.truncated[row])
+        assert ids[n:] == [stop[0]] * (len(ids) - n) and (rollout.sampler_logprobs[row, n:] == 0).all()
 
 
 def test_sampler_is_seeded_and_groups_share_their_prompt(tiny):
@@ -767,6 +811,7 @@ def test_training_samples_from_the_updated_policy(tiny_dir, tmp_path, monkeypatc
     def optimise(model, *args, **kwargs):
         stats = real_optimise(model, *args, **kwargs)
         policy_after.append(parameters(model))
+        assert all(p.grad is None for p in model.parameters())  # freed, not kept through sampling
         return stats
 
     def evaluate(model, *args, **kwargs):
@@ -1199,9 +1244,9 @@ def test_cuda_out_of_memory_halves_the_batch_until_it_fits(tiny_dir, tmp_path, m
     monkeypatch.setattr(rlino, "sample", sample_fitting_one_prompt)
     out = tmp_path / "run"
     rlino.main([*TINY_RUN, "--model", str(tiny_dir), "--out", str(out), "--micro-batch", "8",
-                "--sample-batch", "2", "--eval-size", "1", "--eval-batch", "1"])
+                "--sample-batch", "2", "--eval-size", "2", "--eval-batch", "2"])
     printed = capsys.readouterr().out
-    assert "retrying with --sample-batch 1" in printed
+    assert "retrying with --sample-batch 1" in printed and "retrying with --eval-batch 1" in printed
     assert "retrying with --micro-batch 4" in printed and "retrying with --micro-batch 2" in printed
     assert (out / "model").exists()
     monkeypatch.setattr(rlino, "sample",
@@ -1584,6 +1629,8 @@ def test_resolve_config_presets_and_overrides():
     cuda = rlino.resolve_config(rlino.Config(), torch.device("cuda"))
     assert (cuda.group_size, cuda.temperature, cuda.lr, cuda.prompts_per_step, cuda.max_new_tokens) == \
         (5, 0.6, 1e-6, 64, 1024)
+    assert cuda.grad_ckpt and not cpu.grad_ckpt  # the paper's shape needs it on a GPU (README: "What fits")
+    assert not rlino.resolve_config(rlino.Config(grad_ckpt=False), torch.device("cuda")).grad_ckpt
     with pytest.raises(rlino.UsageError):
         rlino.resolve_config(rlino.Config(group_size=1), torch.device("cpu"))
 

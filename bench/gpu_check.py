@@ -169,10 +169,7 @@ def grpo_step(model, optimizer, rollout: rlino.Rollout, cfg: rlino.Config, amp, 
     """One update as rlino.train runs it (rlino.optimise: micro-batched forward/backward, clip, the AdamW
     step, gradients freed), with advantages +1, -1, ...: no row has a zero advantage, so none is skipped."""
     device, cfg = rollout.completion_ids.device, dataclasses.replace(cfg)  # its own copy: OOM halving edits it
-    if grad_ckpt:
-        model.activation_checkpointing_enable()
-    else:
-        model.activation_checkpointing_disable()
+    rlino.set_grad_ckpt(model, grad_ckpt)
     model.train()
     advantages = torch.where(torch.arange(len(rollout.lengths), device=device) % 2 == 0, 1.0, -1.0)  # (N,)
 
@@ -287,7 +284,7 @@ def main(argv=None) -> dict:
     print(f"b. GRPO step on that rollout ({B * G} rows), without and with --grad-ckpt ...", flush=True)
     results["grpo_step"] = {"no_ckpt": grpo_step(model, optimizer, rollout, cfg, amp, grad_ckpt=False),
                             "grad_ckpt": grpo_step(model, optimizer, rollout, cfg, amp, grad_ckpt=True)}
-    model.activation_checkpointing_disable()
+    rlino.set_grad_ckpt(model, False)
 
     print(f"c. eval batch: {cfg.eval_batch} prompts, greedy, {eval_tokens} new tokens on the bf16 copy ...",
           flush=True)
