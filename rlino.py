@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import importlib.util
 import inspect
 import json
@@ -106,6 +107,11 @@ class Config:
                              "policy, or the policy itself (auto: bfloat16 on CUDA and on CPUs with "
                              "AVX512-BF16)",
                              ("auto", "float32", "bfloat16"))
+    sampler_decode: str = arg("dynamic", "the sampler's decode step: dynamic (the batch and the cache grow "
+                              "and shrink), fixed (fixed shapes: a preallocated cache read whole, rows leave "
+                              "the batch only when it halves), compiled (fixed, through torch.compile; on "
+                              "CUDA its graphs captured: one launch a token; not yet measured on a GPU)",
+                              ("dynamic", "fixed", "compiled"))
     grad_ckpt: bool | None = arg(None, "gradient (activation) checkpointing in the update: each layer's "
                                  "activations recomputed in the backward pass instead of kept")
     prompt_format: str = arg("auto", "chat template or plain text (auto: chat if the tokenizer has one)",
@@ -497,6 +503,8 @@ class PromptStream:
 #   - rows that have stopped leave the decode batch (batch_select_indices), so the batch shrinks; the host
 #     looks for them every CHECK_EVERY tokens only (each look waits for the device), the masks stay on it;
 #   - PreallocatedLayer: the KV cache written in place into one buffer instead of re-allocated every token;
+#   - FixedShapeLayer and compiled (--sampler-decode fixed / compiled): the same buffer read whole behind a
+#     mask, so that every decode step has one shape and can go through torch.compile (CUDA graphs on CUDA);
 #   - decode_mask: on a CPU, the decode step's mask given to SDPA as a 4-D mask, which keeps its fast kernel;
 #   - next_tokens: one uniform draw per row through the CDF instead of torch.multinomial;
 #   - sampler_model: the training rollouts drawn from a bf16 copy of the weights (--sampler-dtype).
@@ -582,6 +590,31 @@ class PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
 
 
+class FixedShapeLayer(PreallocatedLayer):
+    """A PreallocatedLayer for a compiled decode step (--sampler-decode fixed / compiled): after the prefill,
+    each step writes at the position a device counter holds and returns the whole buffer (the mask hides what
+    is not written yet), so that every step has the same shapes and no Python number changes: torch.compile
+    traces it once, and on CUDA its graph can be captured and replayed."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:                                          # the prefill, as before
+            keys, values = super().update(key_states, value_states)
+            self.filled = torch.tensor(self.length, device=self.device)      # positions written
+            return keys, values
+        where = self.filled + torch.arange(key_states.shape[-2], device=self.device)
+        self.key_buffer.index_copy_(2, where, key_states)
+        self.value_buffer.index_copy_(2, where, value_states)
+        self.filled.add_(key_states.shape[-2])
+        return self.key_buffer, self.value_buffer                            # (n, H, capacity, D)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep (and repeat) rows: the whole buffers (how much is written is known on the device only)."""
+        self.length = self.capacity
+        super().batch_select_indices(indices)
+        for buffer in (self.key_buffer, self.value_buffer, self.filled):    # for CUDA graphs: fixed addresses
+            torch._dynamo.mark_static_address(buffer)
+
+
 def full_attention_only(model) -> bool:
     """Whether every layer attends to the whole prefix (no sliding window): then the sampler's own cache and
     decode mask apply; models with sliding-window layers keep transformers' cache and masks."""
@@ -590,19 +623,21 @@ def full_attention_only(model) -> bool:
     return set(layer_types) == {"full_attention"}
 
 
-def kv_cache(model, capacity: int) -> Cache:
-    """A PreallocatedLayer per layer (transformers' own cache for models with sliding-window layers)."""
+def kv_cache(model, capacity: int, *, fixed: bool) -> Cache:
+    """A PreallocatedLayer (or FixedShapeLayer) per layer; transformers' own cache for models with
+    sliding-window layers."""
     if not full_attention_only(model):
         return DynamicCache(config=model.config)
-    return Cache(layer_class_to_replicate=lambda: PreallocatedLayer(capacity))
+    return Cache(layer_class_to_replicate=lambda: (FixedShapeLayer if fixed else PreallocatedLayer)(capacity))
 
 
-def decode_mask(model, attention: torch.Tensor) -> torch.Tensor:
+def decode_mask(model, attention: torch.Tensor, *, fixed: bool) -> torch.Tensor:
     """The attention mask of one decode step. (N, P + t) -> for SDPA on a CPU, the 4-D boolean mask
     transformers would build from it, given as such so that it is kept when it is all ones: transformers drops
-    an all-ones mask, and SDPA then takes a slower grouped-query path (measured on CPUs only)."""
-    if model.config._attn_implementation != "sdpa" or attention.device.type != "cpu" or \
-            not full_attention_only(model):
+    an all-ones mask, and SDPA then takes a slower grouped-query path (measured on CPUs only). A fixed-shape
+    step always gets it, over the whole cache."""
+    if not fixed and (model.config._attn_implementation != "sdpa" or attention.device.type != "cpu" or
+                      not full_attention_only(model)):
         return attention
     return attention[:, None, None, :].bool()                                # (N, 1, 1, P + t)
 
@@ -621,6 +656,13 @@ def sampler_model(model, dtype: str):
     token, and bf16 reads half the bytes; autocast would cast the fp32 weights again at every token, and keep
     fp32 keys and values in the cache. The update's log-probabilities still come from the fp32 policy."""
     return model if dtype == "float32" else frozen(deepcopy(model), dtype)
+
+
+@functools.cache
+def compiled(model):
+    """The model's forward through torch.compile, once per model; on CUDA with its graphs captured."""
+    cuda = next(model.parameters()).device.type == "cuda"
+    return torch.compile(model, mode="reduce-overhead" if cuda else "default")
 
 
 @torch.no_grad()
@@ -670,17 +712,21 @@ def prefill(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cache: C
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: list[int], group_size: int = 1,
            temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
-           stop_text: str = "", tokenizer=None, amp=NO_AMP, progress: bool = False) -> Rollout:
+           stop_text: str = "", tokenizer=None, decode: str = "dynamic", amp=NO_AMP,
+           progress: bool = False) -> Rollout:
     """G completions for each of B prompts (greedy at temperature 0), with a KV cache; each ends at a stop
     token or at the token that completes `stop_text` (decoded with `tokenizer`), kept as a stop token is.
-    Rows go on decoding until the next look (CHECK_EVERY): what they draw after their end is cut off."""
+    Rows go on decoding until the next look (CHECK_EVERY): what they draw after their end is cut off.
+    decode: see --sampler-decode."""
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = (x.to(device) for x in left_pad(prompts, stop_ids[0]))  # (B, P)
     n_rows, check_every = len(prompts) * group_size, CHECK_EVERY.get(device.type, CHECK_EVERY["cuda"])
-    stop = torch.tensor(stop_ids, device=device)
-    cache = kv_cache(model, prompt_ids.shape[1] + max_new_tokens)
+    stop, width = torch.tensor(stop_ids, device=device), prompt_ids.shape[1]
+    fixed = decode != "dynamic" and full_attention_only(model)
+    step = compiled(model) if fixed and decode == "compiled" else model
+    cache = kv_cache(model, width + max_new_tokens, fixed=fixed)
     logits = prefill(model, prompt_ids, prompt_mask, cache, group_size=group_size, amp=amp)  # (N, V)
-    attention = prompt_mask.repeat_interleave(group_size, dim=0)             # (N, P + t), one more per token
+    attention = F.pad(prompt_mask.repeat_interleave(group_size, dim=0), (0, max_new_tokens))  # (N, P + T)
     next_position = attention.sum(-1)                                        # (N,)
     completion_ids = torch.full((n_rows, max_new_tokens), stop_ids[0], dtype=torch.long, device=device)
     token_logprobs, entropies = (torch.zeros(n_rows, max_new_tokens, device=device) for _ in range(2))
@@ -707,15 +753,18 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: li
             running, looked = ~ended[live], t + 1
             if t == max_new_tokens - 1 or not running.any():
                 break
-            if not running.all():                                            # finished rows leave the batch
+            if not running.all() and (not fixed or 2 * running.sum() <= len(live)):  # rows leave
                 keep = running.nonzero().squeeze(-1)
                 cache.batch_select_indices(keep)
                 live, token = live[keep], token[keep]
                 next_position, attention = next_position[keep], attention[keep]
-        attention = torch.cat([attention, attention.new_ones(len(live), 1)], dim=-1)
+        attention[:, width + t] = 1                                          # the token just drawn
+        visible = attention if fixed else attention[:, :width + t + 1]       # (n_live, P + T or P + t + 1)
+        if step is not model:
+            torch.compiler.cudagraph_mark_step_begin()                       # a new replay of the graphs
         with amp:
-            out = model(input_ids=token[:, None], attention_mask=decode_mask(model, attention),
-                        position_ids=next_position[:, None], **{cache_argument(model): cache}, use_cache=True)
+            out = step(input_ids=token[:, None], attention_mask=decode_mask(model, visible, fixed=fixed),
+                       position_ids=next_position[:, None], **{cache_argument(model): cache}, use_cache=True)
         logits, next_position = out.logits[:, -1].float(), next_position + 1
     width = int(lengths.max())
     completion_mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).float()  # (N, width)
@@ -765,7 +814,7 @@ def collect_rollouts(model, tokenizer, task, examples: list[dict], cfg: Config, 
             parts.append(sample(model, prompts, max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids,
                                 group_size=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
                                 generator=generator, stop_text=completion_stop_text(tokenizer, cfg),
-                                tokenizer=tokenizer, amp=amp, progress=progress))
+                                tokenizer=tokenizer, decode=cfg.sampler_decode, amp=amp, progress=progress))
         return concat_rollouts(parts, stop_ids[0])
 
     return halving_on_oom(cfg, "sample_batch", draw, world=world)
@@ -1129,7 +1178,7 @@ def evaluate(model, tokenizer, task, examples: list[dict], cfg: Config, *, stop_
     model.eval()
     mine = list(range(rank, len(examples), world))
     stops = dict(max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids, tokenizer=tokenizer,
-                 stop_text=completion_stop_text(tokenizer, cfg))
+                 stop_text=completion_stop_text(tokenizer, cfg), decode=cfg.sampler_decode)
 
     def decode_all() -> list[dict]:
         records = []

@@ -5,6 +5,7 @@ is set.
     pytest test_rlino.py                               # CI sets RLINO_DATA_DIR=../shared/data
 """
 import contextlib
+import functools
 import json
 import math
 import os
@@ -621,16 +622,20 @@ def test_sampler_draws_from_exp_of_the_update_logprobs(tiny, monkeypatch):
     torch.testing.assert_close(rollout.sampler_logprobs, sampled)  # kept for the mismatch metrics
 
 
-@pytest.fixture(params=[1, 4], ids=["look-every-token", "look-every-4"])
-def check_every(request, monkeypatch) -> int:
-    """The sampler looks for finished rows at every token (CPUs) or every 4 (as on GPUs, where each look
-    waits for the device)."""
-    monkeypatch.setattr(rlino, "CHECK_EVERY", {"cpu": request.param, "cuda": request.param})
+@pytest.fixture(params=[(1, "dynamic"), (4, "dynamic"), (4, "fixed")],
+                ids=["look-every-token", "look-every-4", "fixed-shapes"])
+def sampler_mode(request, monkeypatch) -> tuple[int, str]:
+    """The sampler's modes that run eagerly on a CPU: it looks for finished rows at every token (CPUs) or
+    every 4 (as on GPUs, where each look waits for the device), and decodes with a growing cache or with
+    fixed shapes (--sampler-decode fixed, what the compiled step runs)."""
+    every, decode = request.param
+    monkeypatch.setattr(rlino, "CHECK_EVERY", {"cpu": every, "cuda": every})
+    monkeypatch.setattr(rlino, "sample", functools.partial(rlino.sample, decode=decode))
     return request.param
 
 
 @pytest.mark.parametrize("group_size", [1, 3])
-def test_sampler_greedy_equals_generate(tiny, group_size, check_every):
+def test_sampler_greedy_equals_generate(tiny, group_size, sampler_mode):
     """Greedy, every row equals generate's, also when G rows share their prompt's cache and after rows of
     other groups have stopped and left the batch, whether the sampler looks for them at every token or
     every 4."""
@@ -653,9 +658,26 @@ def test_sampler_greedy_equals_generate(tiny, group_size, check_every):
         assert rollout.completion_mask[row].sum() == n
 
 
-def test_rows_end_at_their_first_stop_and_what_follows_is_cut_off(tiny, check_every):
-    """Sampled rows end at their first stop token, also when the sampler looks for ended rows only every 4
-    tokens: no stop token before it, padding after it, and a log-prob of 0 there."""
+def test_the_compiled_decode_step_equals_generate(tiny, monkeypatch):
+    """--sampler-decode compiled: the fixed-shape step through torch.compile (inductor on a CPU; on CUDA with
+    its graphs captured) gives generate's greedy rows, also after rows have left the batch, and the log-probs
+    of a full forward."""
+    calls, real = [], rlino.compiled
+    monkeypatch.setattr(rlino, "compiled", lambda model: calls.append(model) or real(model))
+    monkeypatch.setattr(rlino, "sample", functools.partial(rlino.sample, decode="compiled"))
+    monkeypatch.setattr(rlino, "CHECK_EVERY", {"cpu": 4, "cuda": 4})
+    t0 = time.time()
+    test_sampler_greedy_equals_generate(tiny, 3, None)
+    test_rows_end_at_their_first_stop_and_what_follows_is_cut_off(tiny, None)
+    assert calls, "the compiled step was not used"
+    print(f"compiled decode: {time.time() - t0:.1f} s, compiling included")
+
+
+def test_rows_end_at_their_first_stop_and_what_follows_is_cut_off(tiny, sampler_mode):
+    """Sampled rows end at their first stop token in every mode: no stop token before it, padding after it,
+    and a log-prob of 0 there; each drawn token's log-prob under the sampler equals the update's full
+    forward's (a cache written in the wrong place, or a mask that hides the wrong keys, shows here: the tiny
+    model's greedy rows repeat one token and would not show it)."""
     model, tokenizer = tiny
     stop = tokenizer.convert_tokens_to_ids(list("aeiou0123456789"))
     prompts = [tokenizer(t)["input_ids"] for t in ["What is 2+2?", "Hi", "Say something.", "x"]]
@@ -666,6 +688,9 @@ def test_rows_end_at_their_first_stop_and_what_follows_is_cut_off(tiny, check_ev
         ids = rollout.completion_ids[row].tolist()
         assert not set(ids[:n - 1]) & set(stop) and (ids[n - 1] in stop) == (not rollout.truncated[row])
         assert ids[n:] == [stop[0]] * (len(ids) - n) and (rollout.sampler_logprobs[row, n:] == 0).all()
+    with torch.no_grad():
+        full_forward = rlino.completion_logprobs(model, rollout, temperature=1.0)
+    torch.testing.assert_close(rollout.sampler_logprobs, full_forward, atol=1e-5, rtol=1e-5)
 
 
 def test_sampler_is_seeded_and_groups_share_their_prompt(tiny):
@@ -734,7 +759,7 @@ def test_sampler_keeps_sliding_window_attention(tiny, device):
 def test_preallocated_cache_is_written_in_place(tiny):
     """PreallocatedLayer: one buffer, written in place, holding what transformers' DynamicCache holds."""
     model, tokenizer = tiny
-    cache = rlino.kv_cache(model, 20)
+    cache = rlino.kv_cache(model, 20, fixed=False)
     ids = torch.tensor([tokenizer("abcd")["input_ids"]], device=model.device)
     with torch.no_grad():
         model(input_ids=ids, cache=cache, use_cache=True)
@@ -928,7 +953,7 @@ def test_llama3_prompts_do_not_carry_todays_date(tmp_path):
     assert f"Today Date: {rlino.TEMPLATE_DATE}" in prompt and rlino.TEMPLATE_DATE == "26 Jul 2024"
 
 
-def test_plain_prompts_end_at_the_stop_text_and_what_follows_counts_for_nothing(tiny, check_every):
+def test_plain_prompts_end_at_the_stop_text_and_what_follows_counts_for_nothing(tiny, sampler_mode):
     """--stop-text with plain prompts: a row ends at the token that completes the text (greedy rows equal
     generate's up to there), is not truncated, and its decoded answer stops before the text; chat prompts
     use the template's end of turn instead."""

@@ -10,7 +10,8 @@ tokenizer (the embedded SmolLM2-135M-Instruct's, offline) and GSM8K test prompts
 (from --data-dir or $RLINO_DATA_DIR; without one, the synthetic arith task), at the paper's settings (rlino's
 cuda preset: 64 prompts x G = 5, up to 1,024 new tokens, temperature 0.6, micro-batch 16, bf16 autocast):
   a. sampler:    rlino.sample against model.generate (num_return_sequences = G), both on the bf16 copy of
-                 the weights that training samples from (rlino.sampler_model): useful tokens/s, peak memory.
+                 the weights that training samples from (rlino.sampler_model): useful tokens/s, peak memory;
+                 then rlino.sample with --sampler-decode compiled, twice (the first call compiles).
   b. GRPO step:  rlino.optimise (update, AdamW step, gradients freed) on the rollout rlino sampled in (a),
                  advantages +1, -1, ... so that no row is skipped, without and with gradient checkpointing
                  (the cuda preset's): seconds, peak memory.
@@ -215,6 +216,9 @@ def markdown(r: dict) -> str:
                     ("a. model.generate (same weights)", a["generate"])):
         lines.append(f"| {name} | {shape} | {x['s']:.1f} | {x['tokens_per_s']:,.0f} | {gib(x['peak_gib'])} |")
     lines.append(f"| a. rlino / generate | | | **{a['speedup']:.2f}x** | |")
+    for name, x in (("a2. --sampler-decode compiled, 1st call (compiles)", a["compiled_first"]),
+                    ("a2. --sampler-decode compiled, 2nd call", a["compiled"])):
+        lines.append(f"| {name} | {shape} | {x['s']:.1f} | {x['tokens_per_s']:,.0f} | {gib(x['peak_gib'])} |")
     for key, name in (("no_ckpt", "b. GRPO step (update + AdamW)"),
                       ("grad_ckpt", "b. GRPO step, --grad-ckpt")):
         g = r["grpo_step"][key]
@@ -280,6 +284,12 @@ def main(argv=None) -> dict:
     theirs = sampler_figures(lengths, seconds, peak)
     speedup = ours["tokens_per_s"] / theirs["tokens_per_s"]
     results["sampler"] = {"rlino": ours, "generate": theirs, "speedup": speedup}
+    print("a2. the same with --sampler-decode compiled, twice (compiling, then compiled) ...", flush=True)
+    for key in ("compiled_first", "compiled"):
+        compiled_rollout, seconds, peak = timed(device, lambda: rlino.sample(
+            sampler, prompts[:B], group_size=G, max_new_tokens=T, stop_ids=stop_ids,
+            temperature=cfg.temperature, generator=generator(), decode="compiled", amp=amp))
+        results["sampler"][key] = sampler_figures(compiled_rollout.lengths, seconds, peak)
 
     print(f"b. GRPO step on that rollout ({B * G} rows), without and with --grad-ckpt ...", flush=True)
     results["grpo_step"] = {"no_ckpt": grpo_step(model, optimizer, rollout, cfg, amp, grad_ckpt=False),
