@@ -599,6 +599,8 @@ class FixedShapeLayer(PreallocatedLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:                                          # the prefill, as before
             keys, values = super().update(key_states, value_states)
+            self.key_buffer[:, :, self.length:] = 0  # read behind the mask: 0 x NaN would be NaN
+            self.value_buffer[:, :, self.length:] = 0
             self.filled = torch.tensor(self.length, device=self.device)      # positions written
             return keys, values
         where = self.filled + torch.arange(key_states.shape[-2], device=self.device)

@@ -631,7 +631,19 @@ def sampler_mode(request, monkeypatch) -> tuple[int, str]:
     every, decode = request.param
     monkeypatch.setattr(rlino, "CHECK_EVERY", {"cpu": every, "cuda": every})
     monkeypatch.setattr(rlino, "sample", functools.partial(rlino.sample, decode=decode))
+    poison_new_empty(monkeypatch)
     return request.param
+
+
+def poison_new_empty(monkeypatch) -> None:
+    """Tensor.new_empty fills floating-point tensors with NaN: memory read before it is written shows."""
+    real = torch.Tensor.new_empty
+
+    def poisoned(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", poisoned)
 
 
 @pytest.mark.parametrize("group_size", [1, 3])
@@ -666,6 +678,7 @@ def test_the_compiled_decode_step_equals_generate(tiny, monkeypatch):
     monkeypatch.setattr(rlino, "compiled", lambda model: calls.append(model) or real(model))
     monkeypatch.setattr(rlino, "sample", functools.partial(rlino.sample, decode="compiled"))
     monkeypatch.setattr(rlino, "CHECK_EVERY", {"cpu": 4, "cuda": 4})
+    poison_new_empty(monkeypatch)
     t0 = time.time()
     test_sampler_greedy_equals_generate(tiny, 3, None)
     test_rows_end_at_their_first_stop_and_what_follows_is_cut_off(tiny, None)
