@@ -71,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sampler-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="as rlino's --sampler-dtype: the weights rlino samples from (auto: bf16 on CUDA and on CPUs "
                         "with AVX512-BF16)")
+    p.add_argument("--sampler-decode", default="dynamic", choices=("dynamic", "fixed", "compiled"),
+                   help="as rlino's --sampler-decode (compiled: one untimed full call first, which compiles)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (lengths vary)")
     p.add_argument("--lr", type=float, default=5e-6, help="learning rate of both GRPO trainers")
     p.add_argument("--micro-batch", type=int, default=4, help="sequences per forward/backward, both trainers")
@@ -205,10 +207,15 @@ def bench_sampler(args, model, tokenizer, prompts, stop_ids, amp, cfg) -> tuple[
                      temperature=args.temperature, generator=torch.Generator(device).manual_seed(0), amp=amp)
         generate_batch(m, tokenizer, prompts[:2], 2, 4, stop_ids, args.temperature, amp)
 
+    def ours_once():
+        return rlino.sample(sampler, prompts, max_new_tokens=T, stop_ids=stop_ids, group_size=G,
+                            temperature=args.temperature, decode=args.sampler_decode, amp=amp,
+                            generator=torch.Generator(device).manual_seed(args.seed))
+
+    if args.sampler_decode == "compiled":
+        ours_once()  # compiles, for every batch size the call goes through
     t0 = clock(device)
-    rollout = rlino.sample(sampler, prompts, max_new_tokens=T, stop_ids=stop_ids, group_size=G,
-                           temperature=args.temperature, generator=torch.Generator(device).manual_seed(args.seed),
-                           amp=amp)
+    rollout = ours_once()
     seconds = clock(device) - t0
     ours = rollout.lengths.cpu().float()
     generate = timed_generate(args, model, tokenizer, prompts, stop_ids, amp)
@@ -217,7 +224,8 @@ def bench_sampler(args, model, tokenizer, prompts, stop_ids, amp, cfg) -> tuple[
     # greedy agreement on the same weights: temperature 0, two prompts, a few tokens; the same tokens up to the
     # first stop token
     greedy_tokens = 24
-    mine = rlino.sample(sampler, prompts[:2], max_new_tokens=greedy_tokens, stop_ids=stop_ids, amp=amp)
+    mine = rlino.sample(sampler, prompts[:2], max_new_tokens=greedy_tokens, stop_ids=stop_ids,
+                        decode=args.sampler_decode, amp=amp)
     ref = generate_batch(sampler, tokenizer, prompts[:2], 1, greedy_tokens, stop_ids, 0.0, amp)
     ref_lengths = completion_lengths(ref, stop_ids)
     agree = all(mine.completion_ids[i, :n].tolist() == ref[i, :m].tolist()
