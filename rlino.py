@@ -983,13 +983,12 @@ def without_lm_head(model):
         model.set_output_embeddings(head)
 
 
-def head_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor,
-                  temperature: float) -> torch.Tensor:
-    """(c,) log pi(target) at c positions: the LM head in fp32 (outside autocast), then logit(target) -
-    logsumexp(logits) of softmax(logits / T). hidden: (c, d); targets: (c,)."""
+def head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(c,) log pi(target) at c positions: the LM head's fp32 (V, d) weight (and bias) outside autocast, then
+    logit(target) - logsumexp(logits) of softmax(logits / T). hidden: (c, d); targets: (c,)."""
     with torch.autocast(hidden.device.type, enabled=False):
-        bias = None if head.bias is None else head.bias.float()
-        logits = tempered(F.linear(hidden.float(), head.weight.float(), bias), temperature)  # (c, V)
+        logits = tempered(F.linear(hidden.float(), weight, bias), temperature)  # (c, V)
         return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
@@ -1008,12 +1007,14 @@ def completion_logprobs(model, rows: Rollout, *, temperature: float, amp=NO_AMP)
         hidden = model(input_ids=input_ids, attention_mask=attention, position_ids=positions(attention),
                        use_cache=False).logits[predicts]                    # (k, d), k = completion tokens
     targets = rows.completion_ids[in_completion]                             # (k,)
-    size = max(1, HEAD_CHUNK // head.weight.shape[0])                        # positions per chunk
+    weight, bias = head.weight.float(), None if head.bias is None else head.bias.float()  # cast once, if bf16
+    size = max(1, HEAD_CHUNK // weight.shape[0])                             # positions per chunk
     chunks = list(zip(hidden.split(size), targets.split(size)))
     if len(chunks) > 1 and torch.is_grad_enabled():
-        parts = [checkpoint(head_logprobs, h, head, y, temperature, use_reentrant=False) for h, y in chunks]
+        parts = [checkpoint(head_logprobs, h, weight, bias, y, temperature, use_reentrant=False)
+                 for h, y in chunks]
     else:
-        parts = [head_logprobs(h, head, y, temperature) for h, y in chunks]
+        parts = [head_logprobs(h, weight, bias, y, temperature) for h, y in chunks]
     return torch.zeros_like(rows.completion_mask).masked_scatter(in_completion, torch.cat(parts))
 
 

@@ -443,8 +443,8 @@ def test_the_lm_head_in_chunks_gives_the_same_logprobs_and_gradients(tiny, mixed
     hidden = torch.randn(5, model.config.hidden_size, device=model.device)
     targets = torch.arange(5, device=model.device)
     with torch.autocast(model.device.type, dtype=torch.bfloat16):
-        autocast = rlino.head_logprobs(hidden, model.lm_head, targets, 0.6)
-    assert torch.equal(autocast, rlino.head_logprobs(hidden, model.lm_head, targets, 0.6))
+        autocast = rlino.head_logprobs(hidden, model.lm_head.weight, None, targets, 0.6)
+    assert torch.equal(autocast, rlino.head_logprobs(hidden, model.lm_head.weight, None, targets, 0.6))
 
 
 def test_micro_batching_does_not_change_the_gradient(tiny, mixed):
@@ -472,8 +472,9 @@ def test_gradient_checkpointing_gives_the_same_gradient(tiny, mixed):
 
 def test_the_sampler_and_the_update_run_on_the_gpu_machines_transformers(tiny, monkeypatch):
     """transformers 5.17 (the GPU machines') calls the forward's KV-cache argument past_key_values, not cache,
-    and slices logits_to_keep by an int or an index tensor only: through a forward of that signature, the
-    greedy sampler still equals generate and the update's log-probs a full forward."""
+    slices logits_to_keep by an int or an index tensor only, and names gradient checkpointing
+    gradient_checkpointing_*: through a forward of that signature, the greedy sampler still gives the rows of
+    the real forward and the update the log-probs of a full forward."""
     model, tokenizer = tiny
     model.eval()
     prompts = [tokenizer(t)["input_ids"] for t in ["What is 2+2?", "Hi"]]
@@ -495,6 +496,12 @@ def test_the_sampler_and_the_update_run_on_the_gpu_machines_transformers(tiny, m
     with torch.no_grad():
         torch.testing.assert_close(rlino.completion_logprobs(model, rollout, temperature=0.6),
                                    full_forward_logprobs(model, rollout, 0.6))
+    switched = []  # 5.17's name of gradient checkpointing, for a model that lacks 5.24's
+    model_of_5_17 = types.SimpleNamespace(gradient_checkpointing_enable=lambda: switched.append("on"),
+                                          gradient_checkpointing_disable=lambda: switched.append("off"))
+    rlino.set_grad_ckpt(model_of_5_17, True)
+    rlino.set_grad_ckpt(model_of_5_17, False)
+    assert switched == ["on", "off"]
 
 
 # --------------------------------------------------------------------------- (c) clipping and KL

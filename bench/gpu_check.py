@@ -67,7 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if cuda else "cpu",
                    help="default: cuda when torch sees one")
     p.add_argument("--size", choices=tuple(SHAPES), default=None,
-                   help="model shape, at the paper's batch sizes but tiny's (default: 0.5b on cuda, tiny on cpu)")
+                   help="model shape; the paper's batch sizes, small ones for tiny (default: 0.5b on cuda, "
+                        "tiny on cpu)")
     p.add_argument("--out", default="runs/gpu-check", help="folder for gpu_check.json and gpu_check.md "
                                                            "(default: runs/gpu-check)")
     p.add_argument("--data-dir", default=None, help="folder with gsm8k/test.jsonl (default: $RLINO_DATA_DIR; "
