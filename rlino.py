@@ -699,16 +699,28 @@ def end_at_stop_text(tokenizer, text: str, completion_ids: torch.Tensor, lengths
     ended[live] |= hits
 
 
-def prefill(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cache: Cache, *, group_size: int,
-            amp) -> torch.Tensor:
+def prefill(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cache: Cache, *, cache_name: str,
+            group_size: int, amp) -> torch.Tensor:
     """One forward pass over the (B, P) prompts, its KV cache then shared by each prompt's G samples; returns
-    the (B*G, V) logits of the first completion token."""
+    the (B*G, V) logits of the first completion token. cache_name: the forward's keyword for the cache."""
     last = torch.tensor([prompt_ids.shape[1] - 1], device=prompt_ids.device)  # see completion_logprobs
     with amp:
         out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions(prompt_mask),
-                    **{cache_argument(model): cache}, use_cache=True, logits_to_keep=last)
+                    **{cache_name: cache}, use_cache=True, logits_to_keep=last)
     cache.batch_repeat_interleave(group_size)
     return out.logits[:, -1].float().repeat_interleave(group_size, dim=0)
+
+
+def decode_step(model, step, token: torch.Tensor, attention: torch.Tensor, next_position: torch.Tensor,
+                cache: Cache, *, cache_name: str, fixed: bool, amp) -> torch.Tensor:
+    """(n, V) logits of one decode step: the (n,) new tokens at their positions through `step` (the model, or
+    its compiled forward), attending where the (n, P + t) attention says, as decode_mask gives it."""
+    if step is not model:
+        torch.compiler.cudagraph_mark_step_begin()                           # a new replay of the graphs
+    with amp:
+        out = step(input_ids=token[:, None], attention_mask=decode_mask(model, attention, fixed=fixed),
+                   position_ids=next_position[:, None], **{cache_name: cache}, use_cache=True)
+    return out.logits[:, -1].float()
 
 
 @torch.no_grad()
@@ -727,7 +739,8 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: li
     fixed = decode != "dynamic" and full_attention_only(model)
     step = compiled(model) if fixed and decode == "compiled" else model
     cache = kv_cache(model, width + max_new_tokens, fixed=fixed)
-    logits = prefill(model, prompt_ids, prompt_mask, cache, group_size=group_size, amp=amp)  # (N, V)
+    cached = dict(cache_name=cache_argument(model), amp=amp)                 # looked up once, not per token
+    logits = prefill(model, prompt_ids, prompt_mask, cache, group_size=group_size, **cached)  # (N, V)
     attention = F.pad(prompt_mask.repeat_interleave(group_size, dim=0), (0, max_new_tokens))  # (N, P + T)
     next_position = attention.sum(-1)                                        # (N,)
     completion_ids = torch.full((n_rows, max_new_tokens), stop_ids[0], dtype=torch.long, device=device)
@@ -762,12 +775,8 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: li
                 next_position, attention = next_position[keep], attention[keep]
         attention[:, width + t] = 1                                          # the token just drawn
         visible = attention if fixed else attention[:, :width + t + 1]       # (n_live, P + T or P + t + 1)
-        if step is not model:
-            torch.compiler.cudagraph_mark_step_begin()                       # a new replay of the graphs
-        with amp:
-            out = step(input_ids=token[:, None], attention_mask=decode_mask(model, visible, fixed=fixed),
-                       position_ids=next_position[:, None], **{cache_argument(model): cache}, use_cache=True)
-        logits, next_position = out.logits[:, -1].float(), next_position + 1
+        logits = decode_step(model, step, token, visible, next_position, cache, fixed=fixed, **cached)
+        next_position = next_position + 1
     width = int(lengths.max())
     completion_mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).float()  # (N, width)
     completion_ids = torch.where(completion_mask.bool(), completion_ids[:, :width], stop_ids[0])
