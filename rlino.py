@@ -1838,8 +1838,13 @@ def mean_ci(values: list) -> str:
         return "-"
     if len(values) == 1:
         return f"{values[0]:.3f} (n = 1)"
+    return f"{np.mean(values):.3f} ± {ci_half_width(values):.3f}"
+
+
+def ci_half_width(values) -> float:
+    """Half-width of the 95 % confidence interval of the mean of n >= 2 values (Student's t, n - 1 df)."""
     t = T_95[len(values) - 2] if len(values) - 1 <= len(T_95) else 1.96
-    return f"{np.mean(values):.3f} ± {t * np.std(values, ddof=1) / math.sqrt(len(values)):.3f}"
+    return t * float(np.std(values, ddof=1)) / math.sqrt(len(values))
 
 
 def slope(points: list[tuple[float, float]]) -> float | None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# rlino's commands:  ./run.sh setup | test | demo | length | accuracy | negative | paper ROW | paper-length ROW | bench | gpu-check
+# rlino's commands:  ./run.sh setup | test | demo | length | accuracy | negative | incentive | paper ROW | paper-length ROW | bench | gpu-check
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${VENV:-.venv}
@@ -47,6 +47,24 @@ case "${1:-}" in
     done
     "$VENV/bin/python" rlino.py --table "${runs[@]}" | tee "$out/$1.md"
     "$VENV/bin/python" rlino.py --plot "${runs[@]}" --out "$out/$1.png" ;;
+  incentive)  # the length incentive of one update at fixed policies (README: "Experiments"; bench/incentive.py):
+    # a GRPO-seq run (seed 0, checkpoints at steps 6 and 12), then ${REPLICATES:-20} replicate batches at each
+    # of ${POLICIES:-initial 12} (initial, or a step of that run), into ${INCENTIVE_DIR:-runs/incentive}.
+    # Finished parts are kept, a stopped measurement goes on at its next replicate.
+    out=${INCENTIVE_DIR:-runs/incentive}
+    common=(--task arith-reason --model smollm2 "${EXPERIMENT_SETTINGS[@]}")
+    grpo="$out/grpo_seq_s0"
+    mkdir -p "$out"
+    if [ ! -f "$grpo/summary.json" ]; then
+      rm -rf "$grpo"
+      "$VENV/bin/python" rlino.py "${common[@]}" --algo grpo --loss-agg seq --seed 0 --save-every 6 \
+        --keep-checkpoints 2 --out "$grpo" 2>&1 | grep -E "^(iter|eval|done|summary|rlino:| {9})"
+    fi
+    policies=(); for p in ${POLICIES:-initial 12}; do
+      if [ "$p" = initial ]; then policies+=(--policy initial); else policies+=(--policy "$grpo:$p"); fi
+    done
+    "$VENV/bin/python" bench/incentive.py "${common[@]}" --seed 1 "${policies[@]}" \
+      --replicates "${REPLICATES:-20}" --out "$out" "${@:2}" ;;
   paper|paper-length)  # on a GPU, the cuda preset (= the paper's settings); ROW is a row of the paper's table:
     # paper ROW: the paper's columns one after the other into ${PAPER_DIR:-runs/paper}/<row>-<arm>: GRPO with
     # its KL (beta 0.001, k3), GRPO without KL, F-ISFT+, F-ISFT+- (the same update as GRPO without KL: the
@@ -105,6 +123,6 @@ case "${1:-}" in
       "$VENV/bin/python" bench/gpu_check.py --size "$size" --out "runs/gpu-check/$size" "${@:2}"
     done ;;
   *)
-    echo "usage: ./run.sh setup | test | demo | length | accuracy | negative | paper ROW | paper-length ROW | bench | gpu-check  [arguments]"
+    echo "usage: ./run.sh setup | test | demo | length | accuracy | negative | incentive | paper ROW | paper-length ROW | bench | gpu-check  [arguments]"
     exit 2 ;;
 esac

@@ -1833,6 +1833,62 @@ def test_gpu_check_runs_at_tiny_size_on_the_cpu(tmp_path):
     print(table)
 
 
+def test_the_length_score_weights_give_the_gradient_of_a_mean_length():
+    """bench/incentive.py's estimator (./run.sh incentive), exactly: over K outcomes with probabilities
+    softmax(theta) at theta = 0 (uniform, so that the K outcomes once each are the population), mean_k h_k
+    grad log p_k is autograd's gradient of the mean length of the incorrect outcomes, of the correct ones and
+    of all; and the leave-one-out baseline is G / (G - 1) times the group-mean one."""
+    sys.path.insert(0, str(HERE / "bench"))
+    import incentive
+    lengths = torch.tensor([3.0, 10.0, 7.0, 40.0, 12.0, 25.0])
+    correct = torch.tensor([True, False, False, True, False, False])
+    theta = torch.zeros(6, requires_grad=True)
+    p = theta.softmax(0)
+    score = torch.eye(6) - p.detach()                                        # (K, K): row k = grad log p_k
+    for quantity, chosen in (("wrong", ~correct), ("right", correct), ("all", torch.ones(6, dtype=torch.bool))):
+        c = chosen.float()
+        mean_length = (p * c * lengths).sum() / (p * c).sum()
+        exact = torch.autograd.grad(mean_length, theta, retain_graph=True)[0]
+        h = incentive.length_score_weights(lengths, correct, quantity)
+        torch.testing.assert_close((h[:, None] * score).mean(0), exact, msg=quantity)
+        assert exact.abs().max() > 0.1
+    assert incentive.length_score_weights(lengths, torch.ones(6, dtype=torch.bool), "wrong") is None
+    h = torch.tensor([1.0, 2.0, 6.0, 5.0, 5.0, 5.0])
+    centred = h.view(2, 3) - h.view(2, 3).mean(1, keepdim=True)
+    torch.testing.assert_close(incentive.leave_one_out_centred(h, 3), (1.5 * centred).view(-1))
+
+
+def test_each_arms_step_is_dotted_with_the_probe_gradient_and_the_policy_is_put_back(tiny, mixed, device):
+    """bench/incentive.py: an arm's step leaves the weights and AdamW's state as they were (the same step
+    twice, every arm from the same point), and grad log pi(o_i) . delta_a is the first-order change of each
+    probe completion's log-likelihood: (log pi_{theta + delta} - log pi_{theta - delta}) / 2."""
+    sys.path.insert(0, str(HERE / "bench"))
+    import incentive
+    model, _ = tiny
+    rollout, rewards, advantages = mixed
+    probe = random_rollout(n_prompts=2, group_size=2, seed=5, device=device)
+    cfg = resolved(lr=1e-4, max_new_tokens=12, micro_batch=3)
+    optimizer = rlino.make_optimizer(model, cfg)
+    before = parameters(model)
+    steps = [incentive.arm_step(model, optimizer, rollout, rewards, advantages, cfg, algo, agg, rlino.NO_AMP)
+             for algo, agg in (("grpo", "seq"), ("fisft-", "seq"), ("grpo", "seq"))]
+    assert all(torch.equal(a, b) for a, b in zip(parameters(model), before)) and not optimizer.state
+    assert all(torch.equal(a, b) for a, b in zip(steps[0], steps[2]))
+    assert not all(torch.equal(a, b) for a, b in zip(steps[0], steps[1]))
+    directions = incentive.score_directions(model, probe, steps[:2], cfg, rlino.NO_AMP)   # (N, 2)
+
+    def loglik(shift) -> torch.Tensor:
+        with torch.no_grad():
+            for p, b, d in zip(model.parameters(), before, shift):
+                p.copy_(b + d)
+            return rlino.completion_logprobs(model, probe, temperature=cfg.temperature).sum(-1)
+
+    for a, step in enumerate(steps[:2]):
+        central = (loglik(step) - loglik([-d for d in step])) / 2
+        torch.testing.assert_close(directions[:, a].to(device), central, rtol=1e-3, atol=1e-5)
+        assert directions[:, a].abs().max() > 1e-3
+
+
 # --------------------------------------------------------------------------- data parallel (torchrun, gloo)
 LAUNCHER = """
 import os, signal, sys
