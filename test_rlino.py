@@ -1845,7 +1845,8 @@ def test_the_length_score_weights_give_the_gradient_of_a_mean_length():
     theta = torch.zeros(6, requires_grad=True)
     p = theta.softmax(0)
     score = torch.eye(6) - p.detach()                                        # (K, K): row k = grad log p_k
-    for quantity, chosen in (("wrong", ~correct), ("right", correct), ("all", torch.ones(6, dtype=torch.bool))):
+    everything = torch.ones(6, dtype=torch.bool)
+    for quantity, chosen in (("wrong", ~correct), ("right", correct), ("all", everything)):
         c = chosen.float()
         mean_length = (p * c * lengths).sum() / (p * c).sum()
         exact = torch.autograd.grad(mean_length, theta, retain_graph=True)[0]

@@ -1,4 +1,4 @@
-"""incentive.py — the length incentive of one update, measured at a fixed policy (README: "Experiments", issue 21).
+"""incentive.py — the length incentive of one update, measured at fixed policies (README: "Experiments").
 
 Run it (from the repository root, in the venv):
     ./run.sh incentive                         # the pre-registered experiment: a GRPO run, then every policy
@@ -12,18 +12,18 @@ where delta_a is the parameter step arm a's optimizer would take on an update ba
 clipping and AdamW's step from the policy's own optimizer state, exactly as in training), and grad q is the
 score-function estimate on a probe batch drawn independently of the update batch:
     grad E[L] = E[(L - b) grad log pi(o | q)]                          (all completions; b a baseline)
-    grad (E[L w] / E[w]) = E[w (L - m) / W grad log pi(o | q)]         (w = 1 on incorrect ones, m = E[L w] / W,
-                                                                       W = E[w]: the quotient rule)
-m and W are the probe batch's own (a plug-in ratio estimate), the baseline b_i the mean of the other samples of
-o_i's group (leave-one-out: unbiased). Every arm is scored on the same update batch and the same probe batch,
-so the arms' differences are paired within a replicate. grad log pi(o_i | q_i) . delta_a is one backward pass
-per probe completion, dotted with each arm's step.
+    grad (E[L w] / E[w]) = E[w (L - m) / W grad log pi(o | q)]     (w = 1 on incorrect ones, m = E[L w] / W,
+                                                                   W = E[w]: the quotient rule)
+m and W are the probe batch's own (a plug-in ratio estimate), the baseline b_i the mean of the other samples
+of o_i's group (leave-one-out: unbiased). Every arm is scored on the same update batch and the same probe
+batch, so the arms' differences are paired within a replicate. grad log pi(o_i | q_i) . delta_a is one
+backward pass per probe completion, dotted with each arm's step.
 Arms: GRPO with --loss-agg seq / token / const, F-ISFT+ (seq), F-ISFT- with seq / token / const (the negative
 term alone), and "no gradient": AdamW's step on a zero gradient (its momentum alone; nothing at the initial
 policy), so that what the batch itself adds can be read off. mu = 1 and beta = 0 (the CPU experiments'
 settings).
-Writes OUT/<policy>.jsonl (one line per replicate; a stopped measurement goes on where it was), OUT/config.json,
-and, with --table, OUT/incentive.md and OUT/incentive.png from every OUT/*.jsonl.
+Writes OUT/<policy>.jsonl (one line per replicate; a stopped measurement goes on where it was),
+OUT/config.json, and OUT/incentive.md and OUT/incentive.png from every OUT/*.jsonl (only these with --table).
 """
 from __future__ import annotations
 
@@ -137,9 +137,9 @@ def rollout_and_rewards(sampler, tokenizer, task, examples, cfg, *, step: int, s
 
 
 def replicate(r: int, policy, cfg, args, amp) -> dict:
-    """Replicate r: an update batch (--prompts-per-step x G; drawn again, up to MAX_DRAWS times, while no group
-    is mixed) and a probe batch (--probe-prompts x G) of other prompts, both sampled afresh from the policy;
-    each arm's step on the first, scored on the second."""
+    """Replicate r: an update batch (--prompts-per-step x G; drawn again, up to MAX_DRAWS times, while no
+    group is mixed) and a probe batch (--probe-prompts x G) of other prompts, both sampled afresh from the
+    policy; each arm's step on the first, scored on the second."""
     model, optimizer, sampler, tokenizer, task, train_set, stop_ids = policy
     t0 = time.time()
     picked = np.random.default_rng((cfg.seed, r)).choice(len(train_set), cfg.prompts_per_step +
@@ -161,7 +161,8 @@ def replicate(r: int, policy, cfg, args, amp) -> dict:
     directions = score_directions(model, probe, steps, cfg, amp)
     changes = predicted_changes(directions, probe.lengths, probe_rewards >= 1.0, cfg.group_size)
     correct, probe_correct = rewards >= 1.0, probe_rewards >= 1.0
-    return {"replicate": r, "update_draws": draw + 1, "seconds_sampling": t1 - t0, "seconds_gradients": time.time() - t1,
+    return {"replicate": r, "update_draws": draw + 1,
+            "seconds_sampling": t1 - t0, "seconds_gradients": time.time() - t1,
             "update_accuracy": correct.float().mean().item(),
             "update_groups_with_signal": int((advantages.view(-1, cfg.group_size) != 0).any(1).sum()),
             "probe_accuracy": probe_correct.float().mean().item(),
@@ -192,7 +193,8 @@ def load_policy(spec: str, cfg, device):
 
 
 def policy_name(spec: str) -> str:
-    return "initial" if spec == "initial" else f"{Path(spec.rpartition(':')[0]).name}-step{spec.rpartition(':')[2]}"
+    run_dir, _, step = spec.rpartition(":")
+    return "initial" if spec == "initial" else f"{Path(run_dir).name}-step{step}"
 
 
 def parse_args(argv=None):
@@ -204,7 +206,8 @@ def parse_args(argv=None):
     p.add_argument("--probe-prompts", type=int, default=8, help="prompts of the probe batch, x G samples "
                                                                 "(default: 8)")
     p.add_argument("--out", default="runs/incentive", help="folder for the results (default: runs/incentive)")
-    p.add_argument("--table", action="store_true", help="only write OUT/incentive.md and .png from OUT/*.jsonl")
+    p.add_argument("--table", action="store_true",
+                   help="only write OUT/incentive.md and .png from OUT/*.jsonl")
     args, rest = p.parse_known_args(argv)
     cfg = rlino.Config(**vars(rlino.build_parser().parse_args(rest)))
     return args, cfg
@@ -263,8 +266,9 @@ def results_table(out: Path) -> str:
             cells += [rlino.mean_ci([row[a] - row[b] for row in rows]) for a, b in PAIRS]
             lines.append(f"| {policy} | len {quantity} | {len(rows)} | " + " | ".join(cells) + " |")
         stat = {k: rlino.mean_ci([r[k] for r in records]) for k in
-                ("update_draws", "update_accuracy", "update_groups_with_signal", "probe_accuracy", "probe_len_wrong",
-                 "probe_len_right", "probe_truncated", "seconds_sampling", "seconds_gradients")}
+                ("update_draws", "update_accuracy", "update_groups_with_signal", "probe_accuracy",
+                 "probe_len_wrong", "probe_len_right", "probe_truncated", "seconds_sampling",
+                 "seconds_gradients")}
         notes.append(f"- {policy}: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in stat.items()))
     return ("\n".join(lines) + "\n\nPredicted change, in tokens, of the expected length of the probe "
             "completions (incorrect ones, correct ones, all) by one update of each arm: mean ± half-width of "
@@ -286,7 +290,8 @@ def plot(out: Path) -> None:
             if len(values) < 2:
                 continue
             half = [rlino.ci_half_width(column) for column in values.T]
-            ax.bar(np.arange(len(ARMS)) + k * width, values.mean(0), width, yerr=half, capsize=3, label=policy)
+            ax.bar(np.arange(len(ARMS)) + k * width, values.mean(0), width, yerr=half, capsize=3,
+                   label=policy)
         ax.axhline(0, color="grey", linewidth=0.5)
         ax.set_xticks(np.arange(len(ARMS)) + width * (len(records) - 1) / 2, list(ARMS), rotation=30,
                       ha="right", fontsize=8)
