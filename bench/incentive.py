@@ -218,8 +218,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.table:
-        device = torch.device("cpu") if cfg.device == "cpu" or not torch.cuda.is_available() else \
-            torch.device("cuda")
+        device, _, _ = rlino.setup_distributed(cfg)  # one process: the device alone
         cfg = rlino.resolve_config(cfg, device)
         if cfg.beta != 0 or cfg.ppo_epochs != 1:
             raise SystemExit("incentive.py: the measurement is for mu = 1 and beta = 0")
