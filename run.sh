@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# rlino's commands:  ./run.sh setup | test | demo | length | accuracy | negative | incentive | paper ROW | paper-length ROW | bench | gpu-check
+# rlino's commands:  ./run.sh setup | test | demo | length | accuracy | negative | horizon | incentive | paper ROW | paper-length ROW | bench | gpu-check
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${VENV:-.venv}
@@ -20,20 +20,27 @@ case "${1:-}" in
     "$VENV/bin/python" -m pytest -q test_rlino.py "${@:2}" ;;
   demo)   # the main job: GRPO on GSM8K with the CPU preset on the embedded model (data: RLINO_DATA_DIR or the hub)
     "$VENV/bin/python" rlino.py --algo grpo --task gsm8k "${@:2}" ;;
-  length|accuracy|negative)  # the paper's claims at CPU scale (README: "Experiments"): finished runs are kept
-    # length: GRPO with --loss-agg seq, token, const; accuracy: ${ALGOS:-grpo fisft+ fisft+-}, all seq; the
-    # GRPO-seq runs serve both; negative: F-ISFT- (the negative term alone) with --loss-agg
-    # ${AGGS:-seq token const}. Seeds: ${SEEDS:-0 1 2}.
-    # Runs go to ${CLAIMS_DIR:-runs/claims}/<algo>_<agg>_s<seed>.
+  length|accuracy|negative|horizon)  # the paper's claims at CPU scale (README: "Experiments"): finished runs
+    # are kept. length: GRPO with --loss-agg seq, token, const; accuracy: ${ALGOS:-grpo fisft+ fisft+-}, all
+    # seq; the GRPO-seq runs serve both; negative: F-ISFT- (the negative term alone) with --loss-agg
+    # ${AGGS:-seq token const}, 24 steps; all three into ${CLAIMS_DIR:-runs/claims}/<algo>_<agg>_s<seed>.
+    # horizon: ${ALGOS:-grpo fisft+} (seq), 48 steps, the 200 test problems at steps 0, 24 and 48, into
+    # ${CLAIMS_DIR:-runs/horizon}/<algo>_<agg>_s<seed>. Seeds: ${SEEDS:-0 1 2}.
     out=${CLAIMS_DIR:-runs/claims}
-    mkdir -p "$out"
-    common=(--task arith-reason --model smollm2 "${EXPERIMENT_SETTINGS[@]}" "${@:2}")
+    common=(--task arith-reason --model smollm2 "${EXPERIMENT_SETTINGS[@]}")
     specs=(grpo:seq grpo:token grpo:const)
     if [ "$1" = accuracy ]; then
       specs=(); for algo in ${ALGOS:-grpo fisft+ fisft+-}; do specs+=("$algo:seq"); done
     elif [ "$1" = negative ]; then
+      common+=(--steps 24)
       specs=(); for agg in ${AGGS:-seq token const}; do specs+=("fisft-:$agg"); done
+    elif [ "$1" = horizon ]; then
+      out=${CLAIMS_DIR:-runs/horizon}
+      common+=(--steps 48 --eval-size 200 --eval-every 24)
+      specs=(); for algo in ${ALGOS:-grpo fisft+}; do specs+=("$algo:seq"); done
     fi
+    common+=("${@:2}")
+    mkdir -p "$out"
     runs=()
     for seed in ${SEEDS:-0 1 2}; do
       for spec in "${specs[@]}"; do
@@ -123,6 +130,6 @@ case "${1:-}" in
       "$VENV/bin/python" bench/gpu_check.py --size "$size" --out "runs/gpu-check/$size" "${@:2}"
     done ;;
   *)
-    echo "usage: ./run.sh setup | test | demo | length | accuracy | negative | incentive | paper ROW | paper-length ROW | bench | gpu-check  [arguments]"
+    echo "usage: ./run.sh setup | test | demo | length | accuracy | negative | horizon | incentive | paper ROW | paper-length ROW | bench | gpu-check  [arguments]"
     exit 2 ;;
 esac
