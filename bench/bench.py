@@ -381,12 +381,13 @@ def bench_mfu(args, model, rollout: rlino.Rollout, cfg, amp) -> dict:
     rows = torch.arange(min(args.size["mfu_rows"], len(rollout.lengths)))
     rollout = rlino.Rollout(*(getattr(rollout, f.name)[rows] for f in dataclasses.fields(rlino.Rollout)))
     advantages = torch.tensor([1.0, -1.0] * len(rows), device=args.device)[:len(rows)]  # (n,)
+    targets = rlino.sample_targets(advantages, rollout.completion_mask)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     model.train()
     times = []
     for _ in range(args.size["mfu_repeats"]):
         t0 = clock(args.device)
-        stats = rlino.update(model, optimizer, rollout, advantages, cfg, amp=amp)
+        stats = rlino.update(model, optimizer, rollout, targets, cfg, amp=amp)
         times.append(clock(args.device) - t0)
     optimizer.zero_grad(set_to_none=True)
     flops = update_flops(model, rollout)

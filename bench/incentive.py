@@ -87,8 +87,7 @@ def predicted_changes(directions: torch.Tensor, lengths: torch.Tensor, correct: 
 
 
 # --------------------------------------------------------------------------- one replicate
-def arm_step(model, optimizer, rollout, rewards, advantages, cfg, algo: str, loss_agg: str,
-             amp) -> list[torch.Tensor]:
+def arm_step(model, optimizer, rollout, rewards, cfg, algo: str, loss_agg: str, amp) -> list[torch.Tensor]:
     """The parameter step arm (algo, loss_agg) would take on this rollout: rlino.update (micro-batched
     backward, gradient clipping), then the optimizer's step; the weights and the optimizer's state are put
     back afterwards."""
@@ -99,10 +98,9 @@ def arm_step(model, optimizer, rollout, rewards, advantages, cfg, algo: str, los
         for p in params:
             p.grad = torch.zeros_like(p)
     else:
-        weights = None if algo == "grpo" else rlino.fisft_sample_weights(rewards, advantages, algo,
-                                                                          cfg.fisft_weights)
         model.train()
-        rlino.update(model, optimizer, rollout, advantages, arm_cfg, sample_weights=weights, amp=amp)
+        targets = rlino.sample_targets(rlino.sample_credit(rewards, arm_cfg), rollout.completion_mask)
+        rlino.update(model, optimizer, rollout, targets, arm_cfg, amp=amp)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
@@ -156,7 +154,7 @@ def replicate(r: int, policy, cfg, args, amp) -> dict:
     probe, probe_rewards = rollout_and_rewards(sampler, tokenizer, task, probe_examples, cfg,
                                                step=PROBE_STEP + r, stop_ids=stop_ids, amp=amp)
     t1 = time.time()
-    steps = [arm_step(model, optimizer, batch, rewards, advantages, cfg, algo, agg, amp)
+    steps = [arm_step(model, optimizer, batch, rewards, cfg, algo, agg, amp)
              for algo, agg in ARMS.values()]
     directions = score_directions(model, probe, steps, cfg, amp)
     changes = predicted_changes(directions, probe.lengths, probe_rewards >= 1.0, cfg.group_size)
