@@ -1847,6 +1847,8 @@ def train(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: in
                 raise SystemExit(EXIT_PAUSED)
     if rank == 0:
         finish_run(run, cfg, step, last_eval)
+    if world > 1:  # all ranks leave together: a rank that tears gloo down while rank 0 writes can abort
+        dist.barrier()
     return run.dir
 
 
