@@ -918,10 +918,10 @@ def sample_credit(rewards: torch.Tensor, cfg: Config) -> torch.Tensor:
 
 def gae(values: torch.Tensor, rewards: torch.Tensor, completion_mask: torch.Tensor, *,
         lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, T) GAE(gamma = 1, lambda) advantages of the completion tokens (Schulman et al. 2016) and the returns
-    A + V, the value's targets. The reward r_i is paid at o_i's last token: delta_t = [t last] r_i + V_{t+1} -
-    V_t (V after the end = 0), A_t = delta_t + lambda A_{t+1}. values: (N, T) V(q, o_<t), 0 after the end;
-    rewards: (N,)."""
+    """(N, T) GAE(gamma = 1, lambda) advantages of the completion tokens (Schulman et al. 2016) and the
+    returns A + V, the value's targets. The reward r_i is paid at o_i's last token: delta_t = [t last] r_i +
+    V_{t+1} - V_t (V after the end = 0), A_t = delta_t + lambda A_{t+1}. values: (N, T) V(q, o_<t), 0 after
+    the end; rewards: (N,)."""
     last = completion_mask.sum(-1).long() - 1                                # (N,)
     paid = torch.zeros_like(values).scatter_(1, last[:, None], rewards[:, None].to(values.dtype))
     deltas = paid + F.pad(values[:, 1:], (0, 1)) - values                    # (N, T)
@@ -963,9 +963,10 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, world: int) -> torch.Tensor:
 #   J_FISFT(theta) = 1/G sum_i w_i 1/|o_i| sum_t log pi_theta(o_it | q, o_i<t)      (- beta D_it, as above)
 #   F-ISFT+: w_i = max(A_i, 0) on correct samples;  F-ISFT-: w_i = min(A_i, 0) on incorrect ones;
 #   F-ISFT+-: both (fisft_sample_weights; --fisft-weights unit takes +1 / -1 instead of A_i).
-# PPO (Schulman et al. 2017) with a critic, as TRL trains it: the counterpoint the paper's reviewers asked for, an
-# RL method that assigns credit token by token. V(q, o_<t) is a value head (attach_value_head), Ahat_it the
-# GAE(gamma = 1, lambda) advantage of the terminal reward under V (gae), whitened over the step (whiten):
+# PPO (Schulman et al. 2017) with a critic, as TRL trains it: the counterpoint the paper's reviewers asked
+# for, an RL method that assigns credit token by token. V(q, o_<t) is a value head (attach_value_head),
+# Ahat_it the GAE(gamma = 1, lambda) advantage of the terminal reward under V (gae), whitened over the step
+# (whiten):
 #   J_PPO(theta) = 1/G sum_i 1/|o_i| sum_t [ min(rho_it Ahat_it, clip(rho_it, 1 - eps, 1 + eps_high) Ahat_it)
 #                                           - beta D_it - c_v L^V_it ]
 #   L^V_it = 1/2 max((V_it - R_it)^2, (clip(V_it, V_old_it - c, V_old_it + c) - R_it)^2),  R = A + V_old
@@ -1016,7 +1017,7 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Targets:
     """What the update fits, fixed before its passes: (N, T) each, one row per completion of this rank."""
-    advantages: torch.Tensor             # the advantage of each token (A_i or w_i spread over o_i; PPO's Ahat)
+    advantages: torch.Tensor             # of each token: A_i or w_i spread over o_i, or PPO's Ahat_it
     old_logprobs: torch.Tensor | None    # pi_old's log-probs, where needs_old_logprobs
     ref_logprobs: torch.Tensor | None    # the reference's, when beta > 0
     old_values: torch.Tensor | None      # PPO: V_old(q, o_<t), from before the update
@@ -1028,7 +1029,8 @@ class Targets:
 
 
 def sample_targets(credit: torch.Tensor, completion_mask: torch.Tensor, *,
-                   old_logprobs: torch.Tensor | None = None, ref_logprobs: torch.Tensor | None = None) -> Targets:
+                   old_logprobs: torch.Tensor | None = None,
+                   ref_logprobs: torch.Tensor | None = None) -> Targets:
     """GRPO's and F-ISFT's targets: every token of o_i carries its sample's credit (the paper's assumption
     (2))."""
     return Targets(credit[:, None] * completion_mask, old_logprobs, ref_logprobs, None, None)
@@ -1139,7 +1141,8 @@ def rollout_logprobs(model, rollout: Rollout, *, micro_batch: int, temperature: 
                      with_values: bool = False):
     """(N, T) log-probs of the rollout under a fixed model (pi_old, or the reference), micro-batched; with
     with_values also PPO's (N, T) values."""
-    out = torch.zeros((1 + with_values, *rollout.completion_mask.shape), device=rollout.completion_mask.device)
+    mask = rollout.completion_mask
+    out = torch.zeros((1 + with_values, *mask.shape), device=mask.device)     # (1 or 2, N, T)
     for index in micro_batches(rollout, micro_batch):
         rows = select_rows(rollout, index)
         got = completion_logprobs(model, rows, temperature=temperature, amp=amp, with_values=with_values)
@@ -1194,8 +1197,8 @@ def update(model, optimizer, rollout: Rollout, targets: Targets, cfg: Config, *,
     n_tokens = float(all_reduced(completion_mask.sum(), world))
     weights = token_weights(completion_mask, cfg.loss_agg, max_new_tokens=cfg.max_new_tokens,
                             n_sequences=len(completion_mask) * world, n_tokens=n_tokens)  # (n, T)
-    # A row whose tokens all have advantage 0, with no KL term and no value loss, adds nothing to the gradient,
-    # nor to the clipped tokens: its forward and backward are skipped.
+    # A row whose tokens all have advantage 0, with no KL term and no value loss, adds nothing to the
+    # gradient, nor to the clipped tokens: its forward and backward are skipped.
     if cfg.beta > 0 or cfg.algo == "ppo":
         needed = torch.ones(len(completion_mask), dtype=torch.bool, device=completion_mask.device)
     else:
@@ -1226,8 +1229,9 @@ def make_optimizer(model, cfg: Config) -> torch.optim.AdamW:
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
-def ppo_targets(rewards: torch.Tensor, mask: torch.Tensor, old_logprobs: torch.Tensor, old_values: torch.Tensor,
-                cfg: Config, *, ref_logprobs: torch.Tensor | None, world: int) -> tuple[Targets, dict]:
+def ppo_targets(rewards: torch.Tensor, mask: torch.Tensor, old_logprobs: torch.Tensor,
+                old_values: torch.Tensor, cfg: Config, *, ref_logprobs: torch.Tensor | None,
+                world: int) -> tuple[Targets, dict]:
     """PPO's targets from V_old: GAE advantages, whitened over the step, and the returns. Also the metrics
     explained_variance (1 - Var(R - V_old) / Var(R), over the tokens) and adv_std_within_seq (the mean over
     completions of the std of their tokens' whitened advantages: 0 when they are uniform, as GRPO's)."""
@@ -1260,8 +1264,8 @@ def optimise(model, optimizer, rollout: Rollout, credit: torch.Tensor, cfg: Conf
 
     old, ref_logprobs = halving_on_oom(cfg, "micro_batch", fixed_passes, world=world)
     if ppo:
-        targets, ppo_stats = ppo_targets(credit, rollout.completion_mask, *old, cfg, ref_logprobs=ref_logprobs,
-                                         world=world)
+        targets, ppo_stats = ppo_targets(credit, rollout.completion_mask, *old, cfg,
+                                         ref_logprobs=ref_logprobs, world=world)
     else:
         targets, ppo_stats = sample_targets(credit, rollout.completion_mask, old_logprobs=old,
                                             ref_logprobs=ref_logprobs), {}

@@ -309,7 +309,7 @@ def test_under_bf16_autocast_grpo_still_equals_fisft_pm_and_stays_near_fp32(tiny
     assert 0 < relative < 0.05  # > 0: the bf16 path really ran
 
 
-# --------------------------------------------------------------------------- (b2) PPO: where the reduction breaks
+# ----------------------------------------------------------------------- (b2) PPO: where the reduction breaks
 def test_gae_hand_computed():
     """GAE(gamma = 1, lambda): the reward paid at the last token, delta_t = [t last] r + V_{t+1} - V_t,
     A_t = delta_t + lambda A_{t+1}, returns A + V; 0 after the end. With V = 0 and lambda = 1 every token of
@@ -394,8 +394,9 @@ def test_ppo_with_a_critic_is_no_per_sample_weighting(tiny, mixed, critic_std, l
     print(f"critic std {critic_std}, lambda {lam}: residual of the best per-sample weighting "
           f"{residual(grads):.3f} (zero critic, lambda 1: {residual(uniform):.1e})")
     assert residual(uniform) < 1e-4 and residual(grads) > 0.1
+    # the critic's loss reaches the value head alone
     without_value_loss, _, _ = ppo_gradient(model, rollout, rewards, dataclasses.replace(
-        fisft_cfg, algo="ppo", gae_lambda=lam, vf_coef=0.0))                 # the critic's loss: the head's alone
+        fisft_cfg, algo="ppo", gae_lambda=lam, vf_coef=0.0))
     assert_same_gradients(policy_part(without_value_loss), policy_part(grads))
 
 
@@ -611,7 +612,8 @@ def test_the_sampler_and_the_update_run_on_the_gpu_machines_transformers(tiny, m
 def test_clipping_stops_the_gradient_on_the_right_side(advantage, ratio, grad_flows):
     """min(rho A, clip(rho, 1 - eps, 1 + eps_high) A): no gradient exactly where the clip is the minimum."""
     logprobs = torch.tensor([[math.log(ratio)]], requires_grad=True)
-    targets = rlino.sample_targets(torch.tensor([advantage]), torch.ones(1, 1), old_logprobs=torch.zeros(1, 1))
+    targets = rlino.sample_targets(torch.tensor([advantage]), torch.ones(1, 1),
+                                   old_logprobs=torch.zeros(1, 1))
     loss, clipped, _, _ = rlino.per_token_loss(logprobs, targets, resolved(clip_eps=0.2))
     loss.sum().backward()
     assert (logprobs.grad.abs().item() > 0) == grad_flows
@@ -1279,7 +1281,8 @@ def test_results_table_puts_a_paper_row_in_the_papers_layout(tmp_path, capsys):
              ("plus0", "fisft+", 0, 0.0), ("ppo0", "ppo", 0, 0.001)]]
     rlino.main(["--table", *runs])
     out = capsys.readouterr().out
-    header = "| model | task | final accuracy, % | GRPO | GRPO w/o KL | F-ISFT+ | F-ISFT+− | F-ISFT− | PPO |"
+    header = ("| model | task | final accuracy, % | GRPO | GRPO w/o KL | F-ISFT+ | F-ISFT+− | F-ISFT− "
+              "| PPO |")
     assert header in out
     paper, greedy, sampled = ([c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines()
                               if line.startswith("| Qwen2.5-0.5B | gsm8k-paper |"))
@@ -1289,6 +1292,21 @@ def test_results_table_puts_a_paper_row_in_the_papers_layout(tmp_path, capsys):
     assert sampled[3] == "30.000 ± 0.000"
     grpo_rows = [x for x in out.splitlines() if x.startswith("| gsm8k-paper | Qwen2.5-0.5B | grpo |")]
     assert len(grpo_rows) == 4 and "| 0.001 | 2 |" in grpo_rows[1]  # accuracy and length, beta 0 and 0.001
+
+
+def test_paired_differences_of_two_arms_by_seed(tmp_path):
+    """bench/paired.py (experiments 2 and 3): per seed each arm's slope of len wrong (also from a late step)
+    and last accuracy, and the mean ± 95 % CI of A − B over the seeds both ran."""
+    sys.path.insert(0, str(HERE / "bench"))
+    import paired
+    a = [str(write_run(tmp_path / f"a{seed}", "fisft-", seed, wrong_slope=3.0 + seed)) for seed in (0, 1, 2)]
+    b = [str(write_run(tmp_path / f"b{seed}", "grpo", seed, wrong_slope=1.0)) for seed in (0, 1)]
+    table = paired.paired_table(a, b, late_from=2).splitlines()
+    # seed 0: slopes 3 and 1 over all steps and from step 2; last accuracy 0.2 + 0.05 * 4 in both arms
+    assert table[2] == "| 0 | +3.000 | +1.000 | +2.000 | +3.000 | +1.000 | +2.000 | 0.400 | 0.400 | +0.000 |"
+    mean = "| mean ± 95 % CI |  |  | 2.500 ± 6.353 |  |  | 2.500 ± 6.353 |  |  | 0.000 ± 0.000 |"
+    assert table[4] == mean
+    assert "2 pairs (seeds 0, 1)" in table[-1]
 
 
 def test_run_summary_says_when_most_groups_carry_no_signal(tmp_path):

@@ -29,13 +29,13 @@ def per_seed(run_dirs: list[str], late_from: int | None) -> tuple[str, dict]:
         names.add(f"{cfg['algo']} {cfg['loss_agg']}")
         if cfg["seed"] in runs:
             raise rlino.UsageError(f"{run}: a second run of seed {cfg['seed']}")
-        wrong = [(r["step"], r["len_incorrect"]) for r in rows
-                 if "reward_mean" in r and r.get("len_incorrect") is not None]
-        evals = [r for r in rows if r.get("eval_accuracy") is not None]
-        record = {"slope": rlino.slope(wrong), "accuracy": evals[-1]["eval_accuracy"] if evals else None,
-                  "eval step": evals[-1]["step"] if evals else None}
+        summary = rlino.run_record(run, rows)                                # what --table reads of a run
+        record = {"slope": summary["slope_wrong"], "accuracy": summary["end"],
+                  "eval step": [r["step"] for r in rows if r.get("eval_accuracy") is not None][-1]}
         if late_from is not None:
-            record["late slope"] = rlino.slope([(s, n) for s, n in wrong if s >= late_from])
+            record["late slope"] = rlino.slope([(r["step"], r["len_incorrect"]) for r in rows
+                                                if "reward_mean" in r and r.get("len_incorrect") is not None
+                                                and r["step"] >= late_from])
         runs[cfg["seed"]] = record
     if len(names) != 1:
         raise rlino.UsageError(f"one arm per side, please: {sorted(names)}")
@@ -43,7 +43,7 @@ def per_seed(run_dirs: list[str], late_from: int | None) -> tuple[str, dict]:
 
 
 def paired_table(a_dirs: list[str], b_dirs: list[str], *, late_from: int | None = None) -> str:
-    """The markdown table: per seed each arm's figures and A - B, then the mean +- 95 % CI of each difference."""
+    """The markdown table: per seed each arm's figures and A - B, then each difference's mean +- 95 % CI."""
     (a_name, a), (b_name, b) = per_seed(a_dirs, late_from), per_seed(b_dirs, late_from)
     seeds = sorted(a.keys() & b.keys())
     if not seeds:
