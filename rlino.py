@@ -21,15 +21,15 @@ The file reads top to bottom in the order data flows, one banner per section:
     prompts      task prompts to token ids, left padding, the seeded stream of training prompts
     sampler      G completions per prompt (speed machinery, tested equal to model.generate)
     rewards      completions to text, the task's verifier
-    advantages   group-relative advantages, F-ISFT sample weights: each sample's credit in the loss
-    losses       the GRPO and F-ISFT objectives as equations, the per-token loss, length aggregation
+    advantages   group-relative advantages, F-ISFT sample weights, PPO's GAE: the credit in the loss
+    losses       the GRPO, F-ISFT and PPO objectives as equations, the per-token loss, length aggregation
     train step   log-probabilities (the LM head in chunks), micro-batches, one optimizer step (update), mu
                  steps (optimise)
     evaluate     greedy accuracy, pass@k
     checkpoints  atomic save, exact resume, Ctrl-C / SIGTERM
     training     the loop: sample -> score -> advantages -> optimise -> refresh -> log
     main         the command line
-    reading runs tables of run folders (also in the paper's layout, beside its figures) and plots
+    reading runs what a run tells (its summary), plots (tables: bench/table.py)
 """
 from __future__ import annotations
 
@@ -170,8 +170,6 @@ class Config:
     keep_checkpoints: int = arg(2, "checkpoints kept in the run folder")
     resume: str | None = arg(None, "run folder to continue from its latest checkpoint")
     plot: list | None = arg(None, "draw the curves of these run folders into --out (a PNG) and exit")
-    table: list | None = arg(None, "print markdown tables of these run folders (mean ± 95 %% CI over seeds, "
-                                   "and in the paper's layout) and exit")
 
 
 PRESETS = {
@@ -325,22 +323,21 @@ def dequantised_cache_dir() -> Path:
 
 
 def load_model(name: str, device: torch.device):
-    """Model (fp32 master weights) and tokenizer from a hub id, a local folder, a .gguf file or 'smollm2'."""
-    gguf_file = None
-    if name == EMBEDDED_MODEL:
-        cache = dequantised_cache_dir()
-        if not (cache / "config.json").exists():
-            dequantise_to(embedded_model_dir(), EMBEDDED_GGUF, cache)
-        source = str(cache)
+    """Model (fp32 master weights) and tokenizer from a hub id, a local folder, a .gguf file or 'smollm2' (the
+    embedded GGUF, saved dequantised on its first load, atomically)."""
+    source, gguf_file, cache = name, None, dequantised_cache_dir()
+    if name == EMBEDDED_MODEL and (cache / "config.json").exists():
+        source = cache
+    elif name == EMBEDDED_MODEL:
+        source, gguf_file = embedded_model_dir(), EMBEDDED_GGUF
     elif name.endswith(".gguf"):
         if not Path(name).is_file():
             raise UsageError(f"model file not found: {name}")
-        source, gguf_file = str(Path(name).parent), Path(name).name
-    else:
-        looks_local = name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
-        if looks_local and not Path(name).expanduser().is_dir():
+        source, gguf_file = Path(name).parent, Path(name).name
+    elif name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1:  # a local folder
+        source = Path(name).expanduser()
+        if not source.is_dir():
             raise UsageError(f"model folder not found: {name}")
-        source = str(Path(name).expanduser()) if looks_local else name
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
@@ -349,25 +346,20 @@ def load_model(name: str, device: torch.device):
         raise UsageError(f"cannot load model '{name}': {type(err).__name__}: {reason}") from None
     if gguf_file is not None:
         model.hf_quantizer.remove_quantization_config(model)  # else save_pretrained refuses the model
+    if name == EMBEDDED_MODEL and gguf_file is not None:  # the first load: saved, then loaded as later ones
+        print(f"saving {EMBEDDED_GGUF} dequantised once into {cache}", flush=True)
+        partial = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        if cache.exists():  # another process finished first
+            shutil.rmtree(partial)
+        else:
+            partial.replace(cache)
+        return load_model(name, device)
     tokenizer.padding_side = "left"  # prompts end where completions start
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # pad ids are never used as a mask: masks come from lengths
     return model.to(device), tokenizer
-
-
-def dequantise_to(gguf_dir: Path, gguf_file: str, cache: Path) -> None:
-    """Load a GGUF model once (dequantised to fp32) and save it as safetensors, atomically."""
-    print(f"dequantising {gguf_file} once into {cache} ...", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
-    model.hf_quantizer.remove_quantization_config(model)
-    partial = cache.with_name(cache.name + f".tmp{os.getpid()}")
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    if cache.exists():  # another process finished first
-        shutil.rmtree(partial)
-    else:
-        partial.replace(cache)
 
 
 def attach_value_head(model) -> None:
@@ -1724,47 +1716,10 @@ def pause_run(run: Run, step: int) -> None:
         close_wandb(run.wandb)
 
 
-def first_and_last(steps: list[dict], key: str) -> list:
-    """The first and the last non-null value of `key` over the steps' metrics lines ([None, None] if none)."""
-    values = [r[key] for r in steps if r.get(key) is not None]
-    return [values[0], values[-1]] if values else [None, None]
-
-
-def run_summary(rows: list[dict], cfg: Config) -> tuple[dict, list[str]]:
-    """What a finished run tells, from its metrics lines: eval accuracy start -> end, the share of groups that
-    carried any signal (rewards not all equal), and the mean length of correct and incorrect completions at
-    the first and the last step (that had such completions). Returns the numbers and the lines to print, with
-    a plain warning when at least 80 % of the groups carried no signal."""
-    evals = [r for r in rows if r.get("eval_accuracy") is not None]
-    steps = [r for r in rows if "reward_mean" in r]
-
-    summary = {"eval_accuracy": [evals[0]["eval_accuracy"], evals[-1]["eval_accuracy"]],
-               "eval_steps": [evals[0]["step"], evals[-1]["step"]], "eval_n": evals[-1]["eval_n"],
-               "groups": len(steps) * cfg.prompts_per_step,
-               "signal_share": float(np.mean([1 - r["zero_std_frac"] for r in steps])),
-               "len_correct": first_and_last(steps, "len_correct"),
-               "len_incorrect": first_and_last(steps, "len_incorrect")}
-
-    def tokens(pair: list) -> str:
-        return " -> ".join("-" if v is None else f"{v:.0f}" for v in pair)
-
-    lines = [f"eval accuracy {summary['eval_accuracy'][0]:.3f} -> {summary['eval_accuracy'][1]:.3f} on "
-             f"{summary['eval_n']} problems (step {summary['eval_steps'][0]} -> {summary['eval_steps'][1]})",
-             f"groups with any signal (not all-equal rewards): {summary['signal_share']:.0%} of "
-             f"{summary['groups']}",
-             f"mean length of correct completions {tokens(summary['len_correct'])} tokens, of incorrect ones "
-             f"{tokens(summary['len_incorrect'])} (first -> last step)"]
-    if summary["signal_share"] <= 0.2:
-        lines.append(f"{1 - summary['signal_share']:.0%} of the groups had all-equal rewards: little to "
-                     "learn from. Ways out: a stronger --model, a larger --group-size, or the CPU "
-                     "experiments (./run.sh length, ./run.sh accuracy).")
-    return summary, lines
-
-
 def finish_run(run: Run, cfg: Config, step: int, last_eval: dict) -> None:
     """Rank 0: the final model (PPO's value head beside it) and tokenizer into model/ (written beside it, then
-    renamed), the final
-    evaluation into eval.json, and the summary, printed and in summary.json (which marks the run finished)."""
+    renamed), the final evaluation into eval.json, and the summary, printed and in summary.json (which marks
+    the run finished)."""
     partial = run.dir / "model.partial"
     shutil.rmtree(partial, ignore_errors=True)
     policy = {k: v for k, v in run.model.state_dict().items() if not k.startswith("value_head.")}
@@ -1775,7 +1730,8 @@ def finish_run(run: Run, cfg: Config, step: int, last_eval: dict) -> None:
     shutil.rmtree(run.dir / "model", ignore_errors=True)
     partial.replace(run.dir / "model")
     write_json(run.dir / "eval.json", {"model": cfg.model, "task": cfg.task, "step": step, **last_eval})
-    summary, lines = run_summary(read_run(run.dir)[1], cfg)
+    summary = run_record(run.dir, read_run(run.dir)[1])
+    lines = summary_lines(summary, cfg.prompts_per_step)
     write_json(run.dir / "summary.json", {**summary, "text": lines})
     print("summary: " + "\n         ".join(lines), flush=True)
     if run.wandb is not None:
@@ -1895,13 +1851,14 @@ def resumed_config(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     except (OSError, ValueError) as err:
         raise UsageError(f"{run / 'config.json'}: not a valid config ({err})") from None
     fields = {f.name: f for f in dataclasses.fields(Config)}
-    unknown = sorted(set(saved) - set(fields)) if isinstance(saved, dict) else ["(not a JSON object)"]
+    unknown = sorted(k for k in set(saved) - set(fields) if saved[k] is not None) \
+        if isinstance(saved, dict) else ["(not a JSON object)"]  # an unset setting of another version: ignored
     if unknown:
         raise UsageError(f"{run / 'config.json'}: unknown setting {unknown[0]}")
     argv = []
     for key, value in saved.items():
         flag = "--" + key.replace("_", "-")
-        if key in ("resume", "plot", "table") or value is None:
+        if key in ("resume", "plot") or value is None:
             continue
         if fields[key].type.startswith("bool"):
             if not isinstance(value, bool):
@@ -1922,8 +1879,6 @@ def main(argv: list[str] | None = None):
     try:
         if args.plot:
             return plot_runs(args.plot, args.out or "runs.png")
-        if args.table:
-            return print(results_table(args.table))
         cfg = resumed_config(args, parser) if args.resume else Config(**vars(args))
         device, rank, world = setup_distributed(cfg)
         cfg = resolve_config(cfg, device)
@@ -1946,30 +1901,7 @@ def main(argv: list[str] | None = None):
             dist.destroy_process_group()
 
 
-# --------------------------------------------------------------------------- reading runs: tables and plots
-# two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal's 1.96)
-T_95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
-        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052,
-        2.048, 2.045, 2.042)
-
-
-def mean_ci(values: list) -> str:
-    """'mean ± h' over runs, h the half-width of the 95 % confidence interval of the mean (Student's t with
-    n - 1 degrees of freedom); 'mean (n = 1)' for a single run, '-' when there is nothing to average."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.3f} (n = 1)"
-    return f"{np.mean(values):.3f} ± {ci_half_width(values):.3f}"
-
-
-def ci_half_width(values) -> float:
-    """Half-width of the 95 % confidence interval of the mean of n >= 2 values (Student's t, n - 1 df)."""
-    t = T_95[len(values) - 2] if len(values) - 1 <= len(T_95) else 1.96
-    return t * float(np.std(values, ddof=1)) / math.sqrt(len(values))
-
-
+# --------------------------------------------------------------------------- reading runs: summary, plots
 def slope(points: list[tuple[float, float]]) -> float | None:
     """Least-squares slope of y over x for (x, y) points; None with fewer than two distinct x."""
     if len({x for x, _ in points}) < 2:
@@ -1978,18 +1910,25 @@ def slope(points: list[tuple[float, float]]) -> float | None:
     return float(np.polyfit(x, y, 1)[0])
 
 
-def run_record(run: str, rows: list[dict]) -> dict:
-    """What the tables compare of one run: eval accuracy at the start and the end, and over the training steps
-    the slope of the mean length of incorrect completions (tokens per step), first and last lengths, the
-    truncated share and the share of groups with any signal (not all-equal rewards)."""
+def first_and_last(steps: list[dict], key: str) -> list:
+    """The first and the last non-null value of `key` over the steps' metrics lines ([None, None] if none)."""
+    values = [r[key] for r in steps if r.get(key) is not None]
+    return [values[0], values[-1]] if values else [None, None]
+
+
+def run_record(run: str | Path, rows: list[dict]) -> dict:
+    """What a run tells, from its metrics lines (its summary.json; a row of bench/table.py): eval accuracy at
+    the first and the last evaluation (greedy; sampled pass@1 if drawn), and over the training steps the slope
+    of the mean length of incorrect completions (tokens per step), the first and last lengths of incorrect and
+    of correct ones, the truncated share and the share of groups with any signal (not all-equal rewards)."""
     evals = [r for r in rows if r.get("eval_accuracy") is not None]
     steps = [r for r in rows if "reward_mean" in r]
     if not evals or not steps:
         raise UsageError(f"{run}: no evaluation or no training step logged yet")
-
     return {"start": evals[0]["eval_accuracy"], "end": evals[-1]["eval_accuracy"],
             "sampled": evals[-1].get("eval_pass@1"),
             "gain": evals[-1]["eval_accuracy"] - evals[0]["eval_accuracy"], "eval_n": evals[-1]["eval_n"],
+            "eval_steps": [evals[0]["step"], evals[-1]["step"]], "steps": len(steps),
             "slope_wrong": slope([(r["step"], r["len_incorrect"]) for r in steps
                                   if r.get("len_incorrect") is not None]),
             "wrong": first_and_last(steps, "len_incorrect"), "right": first_and_last(steps, "len_correct"),
@@ -1997,90 +1936,23 @@ def run_record(run: str, rows: list[dict]) -> dict:
             "signal": float(np.mean([1 - r["zero_std_frac"] for r in steps]))}
 
 
-# The paper's table (arXiv 2505.13697 v4, final test accuracy in %, as its summaries give it, see PAPER.md in
-# the project's shared notes) by (model, benchmark), one figure per column of PAPER_ARMS; None where the
-# paper has none. F-ISFT-'s 0.00 on Countdown is given without the model: we put it in both rows. Its PPO
-# figure is for a 7B model only (v4), so no row here has one.
-# (algo, GRPO with KL) -> the paper's column
-PAPER_ARMS = {("grpo", True): "GRPO", ("grpo", False): "GRPO w/o KL", ("fisft+", False): "F-ISFT+",
-              ("fisft+-", False): "F-ISFT+−", ("fisft-", False): "F-ISFT−", ("ppo", False): "PPO"}
-PAPER_TABLE = {("Qwen2.5-0.5B", "gsm8k"): (55.87, 55.19, 51.71, 55.72, None, None),
-               ("Qwen2.5-1.5B", "gsm8k"): (78.24, 76.87, 74.98, 76.37, None, None),
-               ("Qwen2.5-0.5B", "countdown"): (37.73, 42.43, 44.01, 37.86, 0.00, None),
-               ("Qwen2.5-1.5B", "countdown"): (71.43, 70.82, 53.57, 65.89, 0.00, None),
-               ("Llama-3.2-1B-Instruct", "gsm8k"): (62.01, None, 57.31, 63.07, None, None),
-               ("Llama-3.2-3B-Instruct", "gsm8k"): (84.59, None, 81.95, 83.54, None, None)}
+def summary_lines(record: dict, prompts_per_step: int) -> list[str]:
+    """A run_record as the lines printed at the end of a run, with a plain warning when at least 80 % of the
+    groups carried no signal."""
+    def tokens(pair: list) -> str:
+        return " -> ".join("-" if v is None else f"{v:.0f}" for v in pair)
 
-
-def results_table(run_dirs: list[str]) -> str:
-    """Three markdown tables over runs grouped by (task, model, algo, loss-agg, beta), one run per seed: eval
-    accuracy (start, end, gain) and the length of incorrect answers in training (slope over the steps, first
-    and last step), each as mean ± 95 % CI over seeds, with each group's paired difference (by seed) to
-    GRPO-seq (beta 0); then the final accuracies in the paper's layout (paper_layout)."""
-    groups = {}
-    for run in run_dirs:
-        cfg, rows = read_run(run)
-        key = (cfg["task"], cfg["model"], cfg["algo"], cfg["loss_agg"], cfg.get("beta", 0.0))
-        runs = groups.setdefault(key, {})
-        if cfg["seed"] in runs:
-            raise UsageError(f"{run}: a second run of {cfg['algo']} {cfg['loss_agg']} beta {key[-1]}, seed "
-                             f"{cfg['seed']}")
-        runs[cfg["seed"]] = run_record(run, rows)
-
-    def paired(task, model, runs: dict, key: str) -> str:
-        reference = groups.get((task, model, "grpo", "seq", 0.0), {})
-        diffs = [runs[s][key] - reference[s][key] for s in sorted(runs.keys() & reference.keys())
-                 if runs[s][key] is not None and reference[s][key] is not None]
-        return "(reference)" if runs is reference else mean_ci(diffs) + f" [{len(diffs)} pairs]"
-
-    def first_to_last(runs: dict, key: str) -> str:
-        firsts, lasts = zip(*(r[key] for r in runs.values()))
-        return f"{mean_ci(list(firsts))} → {mean_ci(list(lasts))}"
-
-    accuracy = ["| task | model | algo | loss-agg | beta | seeds | eval acc. start | eval acc. end | gain | "
-                "end − GRPO-seq, paired |", "|" + " --- |" * 10]
-    length = ["| task | model | algo | loss-agg | beta | seeds | slope of len wrong (tokens/step) | "
-              "len wrong, first → last step | len right, first → last step | truncated | "
-              "groups with signal | slope − GRPO-seq, paired |",
-              "|" + " --- |" * 12]
-    for (task, model, algo, agg, beta), runs in sorted(groups.items()):
-        head = f"| {task} | {Path(model).name} | {algo} | {agg} | {beta:g} | {len(runs)} | "
-        records = list(runs.values())
-        accuracy.append(head + " | ".join([mean_ci([r[k] for r in records]) for k in ("start", "end", "gain")]
-                                          + [paired(task, model, runs, "end")]) + " |")
-        length.append(head + " | ".join([mean_ci([r["slope_wrong"] for r in records]),
-                                         first_to_last(runs, "wrong"), first_to_last(runs, "right"),
-                                         mean_ci([r["truncated"] for r in records]),
-                                         mean_ci([r["signal"] for r in records]),
-                                         paired(task, model, runs, "slope_wrong")]) + " |")
-    n_eval = sorted({r["eval_n"] for runs in groups.values() for r in runs.values()})
-    note = (f"\n\nEval accuracy: greedy, on {'/'.join(map(str, n_eval))} test problems. Mean ± half-width "
-            "of the 95 % CI over seeds (Student's t); paired: the difference to the GRPO-seq run of the same "
-            "seed.\n\n")
-    return "\n".join(accuracy) + note + "\n".join(length) + "\n\n" + paper_layout(groups)
-
-
-def paper_layout(groups: dict) -> str:
-    """The last evaluation of the seq runs in the paper's layout, in %, next to its figures: a column per
-    PAPER_ARMS, rows the paper, ours greedy and ours sampled (pass@1), per (task, model)."""
-    columns = " | ".join(PAPER_ARMS.values())
-    paper = [f"| model | task | final accuracy, % | {columns} |", "|" + " --- |" * (3 + len(PAPER_ARMS))]
-    for task, model in sorted({key[:2] for key in groups}):
-        arms = {arm: [] for arm in PAPER_ARMS.values()}  # the seq runs of each column
-        for (t, m, algo, agg, beta), runs in groups.items():
-            if (t, m, agg) == (task, model, "seq"):
-                arms[PAPER_ARMS[algo, algo == "grpo" and beta > 0]] += runs.values()
-        figures = PAPER_TABLE.get((Path(model).name, task.removesuffix("-paper")), (None,) * len(arms))
-        rows = {"the paper": ["–" if f is None else f"{f:.2f}" for f in figures]}
-        for what, key in (("ours, greedy", "end"), ("ours, sampled (pass@1)", "sampled")):
-            rows[what] = [mean_ci([100 * r[key] for r in runs if r[key] is not None])
-                          for runs in arms.values()]
-        paper += [f"| {Path(model).name} | {task} | {what} | " + " | ".join(cells) + " |"
-                  for what, cells in rows.items()]
-    note = ("\n\nIn the paper's layout (seq runs; GRPO with beta > 0 is its GRPO column): the last "
-            "evaluation, greedy and with --eval-samples (the authors sampled one answer at T 1.0, "
-            "top-p 0.95); F-ISFT+− is GRPO without KL in another form (the same update).\n")
-    return "\n".join(paper) + note
+    lines = [f"eval accuracy {record['start']:.3f} -> {record['end']:.3f} on {record['eval_n']} problems "
+             f"(step {record['eval_steps'][0]} -> {record['eval_steps'][1]})",
+             f"groups with any signal (not all-equal rewards): {record['signal']:.0%} of "
+             f"{record['steps'] * prompts_per_step}",
+             f"mean length of correct completions {tokens(record['right'])} tokens, of incorrect ones "
+             f"{tokens(record['wrong'])} (first -> last step)"]
+    if record["signal"] <= 0.2:
+        lines.append(f"{1 - record['signal']:.0%} of the groups had all-equal rewards: little to learn from. "
+                     "Ways out: a stronger --model, a larger --group-size, or the CPU experiments (./run.sh "
+                     "length, ./run.sh accuracy).")
+    return lines
 
 
 def plot_runs(run_dirs: list[str], out_png: str) -> None:

@@ -52,7 +52,7 @@ case "${1:-}" in
           2>&1 | grep -E "^(iter|eval|done|summary|rlino:| {9})"
       done
     done
-    "$VENV/bin/python" rlino.py --table "${runs[@]}" | tee "$out/$1.md"
+    "$VENV/bin/python" bench/table.py "${runs[@]}" | tee "$out/$1.md"
     "$VENV/bin/python" rlino.py --plot "${runs[@]}" --out "$out/$1.png" ;;
   incentive)  # the length incentive of one update at fixed policies (README: "Experiments"; bench/incentive.py):
     # a GRPO-seq run (seed 0, checkpoints at steps 6 and 12), then ${REPLICATES:-20} replicate batches at each
@@ -120,7 +120,7 @@ case "${1:-}" in
       "$VENV/bin/python" rlino.py "${common[@]}" ${flags[$i]} --out "$dir"
     done
     [ "$1" = paper-length ] && "$VENV/bin/python" rlino.py --plot "${dirs[@]}" --out "$root/$row-length.png"
-    "$VENV/bin/python" rlino.py --table "${dirs[@]}" ;;
+    "$VENV/bin/python" bench/table.py "${dirs[@]}" ;;
   bench)  # rlino against model.generate and TRL's GRPOTrainer (bench/README.md); --quick takes < 10 min on 2 cores
     "$VENV/bin/pip" install -q -r bench/requirements.txt
     "$VENV/bin/python" bench/bench.py "${@:2}" ;;

@@ -1242,20 +1242,28 @@ def test_plot_draws_a_png_from_run_folders(tmp_path):
     assert pixels.shape[1] > 1000 and pixels[..., :3].std() > 0.05  # four panels, with something drawn
 
 
+def bench_module(name: str):
+    """A script of bench/ imported as a module."""
+    sys.path.insert(0, str(HERE / "bench"))
+    return __import__(name)
+
+
 def test_mean_ci_is_students_t_interval():
     """mean ± t_{0.975, n-1} s / sqrt(n): for 1, 2, 3 that is 2 ± 4.303 / sqrt(3) = 2 ± 2.484."""
-    assert rlino.mean_ci([1.0, 2.0, 3.0]) == "2.000 ± 2.484"
-    assert rlino.mean_ci([5.0, None]) == "5.000 (n = 1)" and rlino.mean_ci([None]) == "-"
+    table = bench_module("table")
+    assert table.mean_ci([1.0, 2.0, 3.0]) == "2.000 ± 2.484"
+    assert table.mean_ci([5.0, None]) == "5.000 (n = 1)" and table.mean_ci([None]) == "-"
     assert (rlino.slope([(1, 83.0), (2, 86.0), (3, 89.0)]) == pytest.approx(3.0)
             and rlino.slope([(1, 2.0)]) is None)
 
 
 def test_results_table_gives_cis_and_paired_differences(tmp_path, capsys):
-    """--table: per group mean ± 95 % CI over seeds, and the paired (by seed) difference to GRPO-seq."""
+    """bench/table.py: per group mean ± 95 % CI over seeds, and the paired (by seed) difference to
+    GRPO-seq."""
     runs = [str(write_run(tmp_path / f"{algo}{seed}", algo, seed, wrong_slope=slope))
             for algo, seed, slope in [("grpo", 0, 3.0), ("grpo", 1, 5.0),
                                       ("fisft+", 0, 2.0), ("fisft+", 1, 2.0)]]
-    rlino.main(["--table", *runs])
+    bench_module("table").main(runs)
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("| arith")]
     assert len(lines) == 4 and "on 10 test problems" in out
@@ -1268,18 +1276,18 @@ def test_results_table_gives_cis_and_paired_differences(tmp_path, capsys):
     # 83, 85 -> 92, 100
     assert grpo_len[7] == "84.000 ± 12.706 → 96.000 ± 50.824" and grpo_len[10] == "0.500 ± 0.000"
     with pytest.raises(SystemExit):  # two runs of one seed cannot be paired
-        rlino.main(["--table", runs[0], str(write_run(tmp_path / "again", "grpo", 0))])
+        bench_module("table").main([runs[0], str(write_run(tmp_path / "again", "grpo", 0))])
 
 
 def test_results_table_puts_a_paper_row_in_the_papers_layout(tmp_path, capsys):
-    """--table over a paper row's runs: the paper's columns (GRPO with KL, without, F-ISFT+, F-ISFT+−,
+    """bench/table.py over a paper row's runs: the paper's columns (GRPO with KL, without, F-ISFT+, F-ISFT+−,
     F-ISFT−, and PPO, with or without KL), its figures, and ours, greedy and sampled, in %; GRPO with and
     without KL are separate groups."""
     row = dict(task="gsm8k-paper", model="Qwen/Qwen2.5-0.5B")
     runs = [str(write_run(tmp_path / name, algo, seed, beta=beta, **row)) for name, algo, seed, beta in
             [("kl0", "grpo", 0, 0.001), ("kl1", "grpo", 1, 0.001), ("nokl0", "grpo", 0, 0.0),
              ("plus0", "fisft+", 0, 0.0), ("ppo0", "ppo", 0, 0.001)]]
-    rlino.main(["--table", *runs])
+    bench_module("table").main(runs)
     out = capsys.readouterr().out
     header = ("| model | task | final accuracy, % | GRPO | GRPO w/o KL | F-ISFT+ | F-ISFT+− | F-ISFT− "
               "| PPO |")
@@ -1297,8 +1305,7 @@ def test_results_table_puts_a_paper_row_in_the_papers_layout(tmp_path, capsys):
 def test_paired_differences_of_two_arms_by_seed(tmp_path):
     """bench/paired.py (experiments 2 and 3): per seed each arm's slope of len wrong (also from a late step)
     and last accuracy, and the mean ± 95 % CI of A − B over the seeds both ran."""
-    sys.path.insert(0, str(HERE / "bench"))
-    import paired
+    paired = bench_module("paired")
     a = [str(write_run(tmp_path / f"a{seed}", "fisft-", seed, wrong_slope=3.0 + seed)) for seed in (0, 1, 2)]
     b = [str(write_run(tmp_path / f"b{seed}", "grpo", seed, wrong_slope=1.0)) for seed in (0, 1)]
     table = paired.paired_table(a, b, late_from=2).splitlines()
@@ -1312,14 +1319,16 @@ def test_paired_differences_of_two_arms_by_seed(tmp_path):
 def test_run_summary_says_when_most_groups_carry_no_signal(tmp_path):
     """The closing summary: accuracy start -> end, the share of groups with signal, lengths first -> last
     step, and one plain warning line when at least 80 % of the groups had all-equal rewards."""
-    cfg = resolved(prompts_per_step=4)
     for no_signal, warned in ((0.5, False), (0.9, True)):
-        rows = rlino.read_run(write_run(tmp_path / f"r{no_signal}", "grpo", 0, no_signal=no_signal))[1]
-        summary, lines = rlino.run_summary(rows, cfg)
-        assert summary["eval_accuracy"] == [0.2, 0.4] and summary["groups"] == 16
-        assert summary["len_correct"] == [52, 54] and summary["len_incorrect"] == [83, 92]
-        assert summary["signal_share"] == pytest.approx(1 - no_signal)
+        run = write_run(tmp_path / f"r{no_signal}", "grpo", 0, no_signal=no_signal)
+        summary = rlino.run_record(run, rlino.read_run(run)[1])
+        lines = rlino.summary_lines(summary, prompts_per_step=4)
+        assert [summary["start"], summary["end"]] == [0.2, 0.4] and summary["steps"] == 4
+        assert summary["right"] == [52, 54] and summary["wrong"] == [83, 92]
+        assert summary["signal"] == pytest.approx(1 - no_signal)
+        assert summary["slope_wrong"] == pytest.approx(3)
         assert lines[0] == "eval accuracy 0.200 -> 0.400 on 10 problems (step 0 -> 4)"
+        assert lines[1].endswith(f"{1 - no_signal:.0%} of 16")
         assert any("--group-size" in line and "all-equal" in line for line in lines) == warned
 
 
@@ -1698,18 +1707,19 @@ def test_non_finite_weights_never_reach_the_sampler(tiny_dir, tmp_path, monkeypa
 
 
 def test_readers_skip_a_torn_line_and_bad_outputs_are_one_line(tmp_path, capsys):
-    """--table and --plot read a run with a torn last line (with a note);
-    a bad --out or config is one line."""
+    """bench/table.py and --plot read a run with a torn last line (with a note); a bad --out or config is
+    one line."""
     run = write_run(tmp_path / "a", "grpo", 0)
     with (run / "metrics.jsonl").open("a") as f:
         f.write('{"step": 5, "rew')
-    rlino.main(["--table", str(run)])
+    bench_module("table").main([str(run)])
     assert "skipped 1 line(s)" in capsys.readouterr().err
     for out in (tmp_path / "fig.txt", tmp_path / "no-such-folder" / "fig.png"):
         assert ".png" in fails_with_one_line(["--plot", str(run), "--out", str(out)], capsys)
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "seed"}))
-    assert "lacks 'seed'" in fails_with_one_line(["--table", str(run)], capsys)
+    png = str(tmp_path / "f.png")
+    assert "lacks 'seed'" in fails_with_one_line(["--plot", str(run), "--out", png], capsys)
 
 
 def test_a_second_ctrl_c_is_one_line(monkeypatch, capsys, tiny_dir, tmp_path):
@@ -1902,7 +1912,7 @@ def test_run_sh_paper_runs_the_papers_columns(tmp_path):
                      common + f"--algo grpo --out {runs}-grpo-nokl",
                      common + f"--algo fisft+ --out {runs}-fisft+",
                      common + f"--algo fisft+- --out {runs}-fisft+-",
-                     f"rlino.py --table {runs}-grpo {runs}-grpo-nokl {runs}-fisft+ {runs}-fisft+-"]
+                     f"bench/table.py {runs}-grpo {runs}-grpo-nokl {runs}-fisft+ {runs}-fisft+-"]
     for arm, left in (("grpo", "summary.json"), ("grpo-nokl", "config.json"), ("fisft+", "lock")):
         (tmp_path / "runs" / f"qwen05-gsm8k-{arm}").mkdir(parents=True)
         (tmp_path / "runs" / f"qwen05-gsm8k-{arm}" / left).write_text("{}")  # finished, stopped, killed early
@@ -1954,8 +1964,7 @@ def test_offline_local_data_and_model_train_and_missing_data_is_one_line(tiny_di
 def test_gpu_check_runs_at_tiny_size_on_the_cpu(tmp_path):
     """bench/gpu_check.py (./run.sh gpu-check) with --device cpu --size tiny: every measurement short of CUDA
     runs, and the JSON and markdown table are written, so that the GPU check cannot rot unseen."""
-    sys.path.insert(0, str(HERE / "bench"))
-    import gpu_check
+    gpu_check = bench_module("gpu_check")
     results = gpu_check.main(["--device", "cpu", "--size", "tiny", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
     table = (tmp_path / "gpu_check.md").read_text()
@@ -1968,8 +1977,7 @@ def test_the_length_score_weights_give_the_gradient_of_a_mean_length():
     softmax(theta) at theta = 0 (uniform, so that the K outcomes once each are the population), mean_k h_k
     grad log p_k is autograd's gradient of the mean length of the incorrect outcomes, of the correct ones and
     of all; and the leave-one-out baseline is G / (G - 1) times the group-mean one."""
-    sys.path.insert(0, str(HERE / "bench"))
-    import incentive
+    incentive = bench_module("incentive")
     lengths = torch.tensor([3.0, 10.0, 7.0, 40.0, 12.0, 25.0])
     correct = torch.tensor([True, False, False, True, False, False])
     theta = torch.zeros(6, requires_grad=True)
@@ -1993,8 +2001,7 @@ def test_each_arms_step_is_dotted_with_the_probe_gradient_and_the_policy_is_put_
     """bench/incentive.py: an arm's step leaves the weights and AdamW's state as they were (the same step
     twice, every arm from the same point), and grad log pi(o_i) . delta_a is the first-order change of each
     probe completion's log-likelihood: (log pi_{theta + delta} - log pi_{theta - delta}) / 2."""
-    sys.path.insert(0, str(HERE / "bench"))
-    import incentive
+    incentive = bench_module("incentive")
     model, _ = tiny
     rollout, rewards, _ = mixed
     probe = random_rollout(n_prompts=2, group_size=2, seed=5, device=device)

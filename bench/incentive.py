@@ -40,6 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # rlino.py and tasks.py live one folder up
 import rlino  # noqa: E402
+from table import ci_half_width, mean_ci  # noqa: E402  (bench/table.py)
 import tasks  # noqa: E402
 
 ARMS = {"grpo seq": ("grpo", "seq"), "grpo token": ("grpo", "token"), "grpo const": ("grpo", "const"),
@@ -259,10 +260,10 @@ def results_table(out: Path) -> str:
     for policy, records in policy_records(out).items():
         for quantity in QUANTITIES:
             rows = [r["predicted"][quantity] for r in records if quantity in r["predicted"]]
-            cells = [rlino.mean_ci([row[arm] for row in rows]) for arm in ARMS]
-            cells += [rlino.mean_ci([row[a] - row[b] for row in rows]) for a, b in PAIRS]
+            cells = [mean_ci([row[arm] for row in rows]) for arm in ARMS]
+            cells += [mean_ci([row[a] - row[b] for row in rows]) for a, b in PAIRS]
             lines.append(f"| {policy} | len {quantity} | {len(rows)} | " + " | ".join(cells) + " |")
-        stat = {k: rlino.mean_ci([r[k] for r in records]) for k in
+        stat = {k: mean_ci([r[k] for r in records]) for k in
                 ("update_draws", "update_accuracy", "update_groups_with_signal", "probe_accuracy",
                  "probe_len_wrong", "probe_len_right", "probe_truncated", "seconds_sampling",
                  "seconds_gradients")}
@@ -286,7 +287,7 @@ def plot(out: Path) -> None:
             values = np.array([[row[arm] for arm in ARMS] for row in rows])          # (R, A)
             if len(values) < 2:
                 continue
-            half = [rlino.ci_half_width(column) for column in values.T]
+            half = [ci_half_width(column) for column in values.T]
             ax.bar(np.arange(len(ARMS)) + k * width, values.mean(0), width, yerr=half, capsize=3,
                    label=policy)
         ax.axhline(0, color="grey", linewidth=0.5)

@@ -4,12 +4,12 @@ Run it (from the repository root, in the venv):
     python bench/paired.py runs/claims/fisft-_seq_s* --vs runs/claims/fisft-_token_s*
     python bench/paired.py runs/horizon/grpo_seq_s* --vs runs/horizon/fisft+_seq_s* --late-from 25
 
-`rlino.py --table` pairs every arm with GRPO-seq; an experiment's registered statistic is often another pair
+`bench/table.py` pairs every arm with GRPO-seq; an experiment's registered statistic is often another pair
 (F-ISFT- seq against token; GRPO against F-ISFT+). For each seed that both arms ran, from each run folder's
 config.json and metrics.jsonl: the least-squares slope of `len_incorrect` over the training steps (steps
-without incorrect completions left out, as `--table` does), over the steps from `--late-from` on as well when
-it is given, and the last evaluation's accuracy; then each paired difference A - B, mean +- the half-width of
-its 95 % CI (Student's t, pairs - 1 degrees of freedom). Prints a markdown table.
+without incorrect completions left out, as `bench/table.py` does), over the steps from `--late-from` on as
+well when it is given, and the last evaluation's accuracy; then each paired difference A - B, mean +- the
+half-width of its 95 % CI (Student's t, pairs - 1 degrees of freedom). Prints a markdown table.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # rlino.py lives one folder up
 import rlino  # noqa: E402
+from table import mean_ci  # noqa: E402  (bench/table.py)
 
 
 def per_seed(run_dirs: list[str], late_from: int | None) -> tuple[str, dict]:
@@ -29,7 +30,7 @@ def per_seed(run_dirs: list[str], late_from: int | None) -> tuple[str, dict]:
         names.add(f"{cfg['algo']} {cfg['loss_agg']}")
         if cfg["seed"] in runs:
             raise rlino.UsageError(f"{run}: a second run of seed {cfg['seed']}")
-        summary = rlino.run_record(run, rows)                                # what --table reads of a run
+        summary = rlino.run_record(run, rows)                                # what bench/table.py reads
         record = {"slope": summary["slope_wrong"], "accuracy": summary["end"],
                   "eval step": [r["step"] for r in rows if r.get("eval_accuracy") is not None][-1]}
         if late_from is not None:
@@ -64,7 +65,7 @@ def paired_table(a_dirs: list[str], b_dirs: list[str], *, late_from: int | None 
             cells += ["-" if v is None else f"{v:+.3f}" if k != "accuracy" else f"{v:.3f}" for v in (x, y)]
             cells.append("-" if d is None else f"{d:+.3f}")
         lines.append("| " + " | ".join(cells) + " |")
-    mean_row = ["mean ± 95 % CI"] + [cell for k in keys for cell in ("", "", rlino.mean_ci(diffs[k]))]
+    mean_row = ["mean ± 95 % CI"] + [cell for k in keys for cell in ("", "", mean_ci(diffs[k]))]
     lines.append("| " + " | ".join(mean_row) + " |")
     steps = sorted({r["eval step"] for r in (*a.values(), *b.values())})
     return "\n".join(lines) + (f"\n\nA = {a_name}, B = {b_name}; {len(seeds)} pairs (seeds "
