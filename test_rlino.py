@@ -1501,11 +1501,13 @@ def test_an_out_that_cannot_be_a_folder_is_one_line(tiny_dir, tmp_path, capsys):
 
 
 def test_resume_refuses_flags_it_would_ignore_and_records_new_steps(finished_run, capsys):
-    """With --resume only --steps may change: other flags are refused,
-    a new --steps is saved in config.json."""
+    """With --resume only --steps may change: other flags are refused, a new --steps is saved in config.json;
+    an unset setting that this version no longer has is ignored."""
     for flags, named in ((["--lr", "1"], "--lr"), (["--eval-only"], "--eval-only")):
         assert named in fails_with_one_line(["--resume", str(finished_run), *flags], capsys)
     assert "already ran 2 steps" in fails_with_one_line(["--resume", str(finished_run)], capsys)
+    config = json.loads((finished_run / "config.json").read_text())
+    (finished_run / "config.json").write_text(json.dumps({**config, "table": None}))  # an older rlino's, unset
     rlino.main(["--resume", str(finished_run), "--steps", "3"])
     assert json.loads((finished_run / "config.json").read_text())["steps"] == 3
     assert logged_steps(finished_run) == [0, 1, 2, 3]
