@@ -1950,8 +1950,8 @@ def summary_lines(record: dict, prompts_per_step: int) -> list[str]:
              f"{tokens(record['wrong'])} (first -> last step)"]
     if record["signal"] <= 0.2:
         lines.append(f"{1 - record['signal']:.0%} of the groups had all-equal rewards: little to learn from. "
-                     "Ways out: a stronger --model, a larger --group-size, or the CPU experiments (./run.sh "
-                     "length, ./run.sh accuracy).")
+                     "Ways out: a stronger --model, a larger --group-size, or the CPU experiments on "
+                     "arith-reason (./run.sh horizon; README, \"Experiments\").")
     return lines
 
 
