@@ -2058,13 +2058,16 @@ rlino.main(sys.argv[1:])
 
 def launch(tmp_path, args: list[str], *, ranks: int, timeout: int = 300,
            **env) -> subprocess.CompletedProcess:
-    """The tiny run through LAUNCHER, on one process or on `ranks` gloo ranks (torchrun)."""
+    """The tiny run through LAUNCHER, on one process or on `ranks` gloo ranks (torchrun). A rank that aborts
+    (SIGABRT, as one did once in a fresh-clone suite at the end of a run) prints its Python stacks
+    (PYTHONFAULTHANDLER) into the stderr that the tests' assertions show."""
     launcher = tmp_path / "launch.py"
     launcher.write_text(LAUNCHER.format(here=str(HERE)))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
     return subprocess.run([*(torchrun if ranks > 1 else [sys.executable]), str(launcher), *args],
                           capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env})
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                               "PYTHONFAULTHANDLER": "1", **env})
 
 
 def two_rank_args(tiny_dir, args: list[str]) -> list[str]:
