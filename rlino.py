@@ -1851,8 +1851,10 @@ def resumed_config(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     except (OSError, ValueError) as err:
         raise UsageError(f"{run / 'config.json'}: not a valid config ({err})") from None
     fields = {f.name: f for f in dataclasses.fields(Config)}
-    unknown = sorted(k for k in set(saved) - set(fields) if saved[k] is not None) \
-        if isinstance(saved, dict) else ["(not a JSON object)"]  # an unset setting of another version: ignored
+    if not isinstance(saved, dict):
+        raise UsageError(f"{run / 'config.json'}: unknown setting (not a JSON object)")
+    # a setting this version lacks is refused, unless unset (an older rlino's "table": null)
+    unknown = sorted(k for k in set(saved) - set(fields) if saved[k] is not None)
     if unknown:
         raise UsageError(f"{run / 'config.json'}: unknown setting {unknown[0]}")
     argv = []

@@ -1280,9 +1280,9 @@ def test_results_table_gives_cis_and_paired_differences(tmp_path, capsys):
 
 
 def test_results_table_puts_a_paper_row_in_the_papers_layout(tmp_path, capsys):
-    """bench/table.py over a paper row's runs: the paper's columns (GRPO with KL, without, F-ISFT+, F-ISFT+−,
-    F-ISFT−, and PPO, with or without KL), its figures, and ours, greedy and sampled, in %; GRPO with and
-    without KL are separate groups."""
+    """bench/table.py over a paper row's runs: the paper's columns (GRPO with KL, without, F-ISFT+,
+    F-ISFT+−, F-ISFT−, and PPO, with or without KL), its figures, and ours, greedy and sampled, in %; GRPO
+    with and without KL are separate groups."""
     row = dict(task="gsm8k-paper", model="Qwen/Qwen2.5-0.5B")
     runs = [str(write_run(tmp_path / name, algo, seed, beta=beta, **row)) for name, algo, seed, beta in
             [("kl0", "grpo", 0, 0.001), ("kl1", "grpo", 1, 0.001), ("nokl0", "grpo", 0, 0.0),
@@ -1507,7 +1507,7 @@ def test_resume_refuses_flags_it_would_ignore_and_records_new_steps(finished_run
         assert named in fails_with_one_line(["--resume", str(finished_run), *flags], capsys)
     assert "already ran 2 steps" in fails_with_one_line(["--resume", str(finished_run)], capsys)
     config = json.loads((finished_run / "config.json").read_text())
-    (finished_run / "config.json").write_text(json.dumps({**config, "table": None}))  # an older rlino's, unset
+    (finished_run / "config.json").write_text(json.dumps({**config, "table": None}))  # an older rlino's
     rlino.main(["--resume", str(finished_run), "--steps", "3"])
     assert json.loads((finished_run / "config.json").read_text())["steps"] == 3
     assert logged_steps(finished_run) == [0, 1, 2, 3]
