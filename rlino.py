@@ -56,6 +56,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  before any process group exists (see setup_distributed)
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
@@ -269,6 +270,9 @@ def setup_distributed(cfg: Config) -> tuple[torch.device, int, int]:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if want.startswith("cuda"):
         torch.cuda.set_device(local_rank)
+    # torch.distributed.nn is imported at the top: imported after this line (transformers' model loading
+    # imports it), it would keep the group as a default argument past destroy_process_group, and gloo's
+    # threads would end during Python's exit, where one that drops a tensor aborts the rank (pytorch#190489).
     dist.init_process_group("nccl" if want.startswith("cuda") else "gloo")
     device = torch.device("cuda", local_rank) if want.startswith("cuda") else torch.device("cpu")
     return device, dist.get_rank(), dist.get_world_size()
@@ -1807,8 +1811,6 @@ def train(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: in
                 raise SystemExit(EXIT_PAUSED)
     if rank == 0:
         finish_run(run, cfg, step, last_eval)
-    if world > 1:  # all ranks leave together: a rank that tears gloo down while rank 0 writes can abort
-        dist.barrier()
     return run.dir
 
 

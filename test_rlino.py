@@ -2051,16 +2051,32 @@ def optimise(*args, **kwargs):  # with SIGTERM_RANK: that rank alone gets a SIGT
     return real_optimise(*args, **kwargs)
 
 
-rlino.completion_logprobs, rlino.optimise = logprobs, optimise
-rlino.main(sys.argv[1:])
+def gloo_threads() -> int:  # torch names them gloo_tcp_loop and pt_gloo_runloop; -1 without /proc
+    tasks_dir = "/proc/self/task"
+    if not os.path.isdir(tasks_dir):
+        return -1
+    return sum("gloo" in open(os.path.join(tasks_dir, t, "comm")).read() for t in os.listdir(tasks_dir))
+
+
+def setup_distributed(cfg):  # counts gloo's threads once the group exists
+    joined = real_setup_distributed(cfg)
+    sys.stderr.write("gloo threads at start: %d\\n" % gloo_threads())  # one write: the ranks share stderr
+    return joined
+
+
+real_setup_distributed = rlino.setup_distributed
+rlino.completion_logprobs, rlino.optimise, rlino.setup_distributed = logprobs, optimise, setup_distributed
+try:
+    rlino.main(sys.argv[1:])
+finally:
+    sys.stderr.write("gloo threads after main: %d\\n" % gloo_threads())  # one write: the ranks share stderr
 """
 
 
 def launch(tmp_path, args: list[str], *, ranks: int, timeout: int = 300,
            **env) -> subprocess.CompletedProcess:
     """The tiny run through LAUNCHER, on one process or on `ranks` gloo ranks (torchrun). A rank that aborts
-    (SIGABRT, as one did once in a fresh-clone suite at the end of a run) prints its Python stacks
-    (PYTHONFAULTHANDLER) into the stderr that the tests' assertions show."""
+    prints its Python stacks (PYTHONFAULTHANDLER) into the stderr that the tests' assertions show."""
     launcher = tmp_path / "launch.py"
     launcher.write_text(LAUNCHER.format(here=str(HERE)))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
@@ -2090,6 +2106,13 @@ def one_and_two_processes(tiny_dir, tmp_path, args: list[str]) -> tuple[dict, di
     for name, ranks in (("one", 1), ("two", 2)):
         done = launch(tmp_path, [*two_rank_args(tiny_dir, args), "--out", str(tmp_path / name)], ranks=ranks)
         assert done.returncode == 0, done.stderr[-3000:]
+    # Each rank's group is freed by the time main returns, its gloo threads with it: a group kept alive (by
+    # torch.distributed.nn imported after it) frees them during Python's exit, where one can abort the rank.
+    started, left = (re.findall(rf"gloo threads {when}: (\d+)", done.stderr)
+                     for when in ("at start", "after main"))
+    if sys.platform == "linux":  # thread names come from /proc
+        assert len(started) == 2 and all(int(n) > 0 for n in started), done.stderr[-3000:]
+        assert left == ["0", "0"], done.stderr[-3000:]
     return metrics_and_parameters(tmp_path, ("one", "two"))
 
 
