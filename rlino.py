@@ -109,11 +109,6 @@ class Config:
                              "policy, or the policy itself (auto: bfloat16 on CUDA and on CPUs with "
                              "AVX512-BF16)",
                              ("auto", "float32", "bfloat16"))
-    sampler_decode: str = arg("dynamic", "the sampler's decode step: dynamic (the batch and the cache grow "
-                              "and shrink), fixed (fixed shapes: a preallocated cache read whole, rows leave "
-                              "the batch only when it halves), compiled (fixed, through torch.compile; on "
-                              "CUDA its graphs captured: one launch a token; not yet measured on a GPU)",
-                              ("dynamic", "fixed", "compiled"))
     grad_ckpt: bool | None = arg(None, "gradient (activation) checkpointing in the update: each layer's "
                                  "activations recomputed in the backward pass instead of kept")
     prompt_format: str = arg("auto", "chat template or plain text (auto: chat if the tokenizer has one)",
@@ -168,7 +163,11 @@ class Config:
     wandb: str | None = arg(None, "also log the config and every metrics line live to this Weights & Biases "
                                   "project (pip install wandb; WANDB_MODE=offline writes only locally)")
     save_every: int | None = arg(None, "checkpoint every N steps (and at the end); 0 = only at the end")
-    keep_checkpoints: int = arg(2, "checkpoints kept in the run folder")
+    keep_checkpoints: int = arg(1, "checkpoints kept while the run goes (a new one is written beside the "
+                                   "last, then the older ones removed)")
+    final_checkpoint: bool | None = arg(None, "keep the last checkpoint (weights and AdamW's state, for "
+                                        "--resume --steps N) once model/ is written; --no-final-checkpoint "
+                                        "removes the checkpoints then, so that a paper row fits its disk")
     resume: str | None = arg(None, "run folder to continue from its latest checkpoint")
     plot: list | None = arg(None, "draw the curves of these run folders into --out (a PNG) and exit")
 
@@ -176,12 +175,12 @@ class Config:
 PRESETS = {
     # The paper's settings (G = 5, temperature 0.6, lr 1e-6, 64 prompts per step, 1,024 new tokens).
     "cuda": dict(steps=200, prompts_per_step=64, group_size=5, sample_batch=64, max_new_tokens=1024,
-                 temperature=0.6, lr=1e-6, micro_batch=16, eval_every=25, eval_size=0, eval_batch=128,
-                 save_every=25, grad_ckpt=True),
+                 temperature=0.6, lr=1e-6, micro_batch=16, eval_every=25, eval_size=0, eval_batch=512,
+                 save_every=25, grad_ckpt=True, final_checkpoint=False),
     # Small enough that the main job on a 2-core CPU shows a step within 5 minutes and ends within 30.
     "cpu": dict(steps=8, prompts_per_step=4, group_size=4, sample_batch=4, max_new_tokens=160,
                 temperature=0.8, lr=5e-6, micro_batch=4, eval_every=0, eval_size=32, eval_batch=16,
-                save_every=0, grad_ckpt=False),
+                save_every=0, grad_ckpt=False, final_checkpoint=True),
 }
 
 
@@ -515,11 +514,12 @@ class PromptStream:
 # output token for token (test_sampler_greedy_equals_generate). What it does differently, each a named piece:
 #   - one prefill per prompt, its KV cache shared by its G samples (repeat_interleave);
 #   - rows that have stopped leave the decode batch (batch_select_indices), so the batch shrinks; the host
-#     looks for them every CHECK_EVERY tokens only (each look waits for the device), the masks stay on it;
+#     looks for them every CHECK_EVERY tokens only, with one read of the device per look (a look waits for
+#     the device), the masks stay on it;
 #   - PreallocatedLayer: the KV cache written in place into one buffer instead of re-allocated every token;
-#   - FixedShapeLayer and compiled (--sampler-decode fixed / compiled): the same buffer read whole behind a
-#     mask, so that every decode step has one shape and can go through torch.compile (CUDA graphs on CUDA);
-#   - decode_mask: on a CPU, the decode step's mask given to SDPA as a 4-D mask, which keeps its fast kernel;
+#   - decode_mask: the decode step's mask given to SDPA as a 4-D mask: on a CPU it keeps SDPA's fast kernel;
+#     on CUDA transformers would read a 2-D mask on the host at every token (one sync a token);
+#   - --stop-text: only the positions whose token can end the text are decoded on the host (stop_text_enders);
 #   - next_tokens: one uniform draw per row through the CDF instead of torch.multinomial;
 #   - sampler_model: the training rollouts drawn from a bf16 copy of the weights (--sampler-dtype).
 # To fall back to transformers' own cache and masks, make `kv_cache` return DynamicCache(config=model.config)
@@ -604,33 +604,6 @@ class PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
 
 
-class FixedShapeLayer(PreallocatedLayer):
-    """A PreallocatedLayer for a compiled decode step (--sampler-decode fixed / compiled): after the prefill,
-    each step writes at the position a device counter holds and returns the whole buffer (the mask hides what
-    is not written yet), so that every step has the same shapes and no Python number changes: torch.compile
-    traces it once, and on CUDA its graph can be captured and replayed."""
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:                                          # the prefill, as before
-            keys, values = super().update(key_states, value_states)
-            self.key_buffer[:, :, self.length:] = 0  # read behind the mask: 0 x NaN would be NaN
-            self.value_buffer[:, :, self.length:] = 0
-            self.filled = torch.tensor(self.length, device=self.device)      # positions written
-            return keys, values
-        where = self.filled + torch.arange(key_states.shape[-2], device=self.device)
-        self.key_buffer.index_copy_(2, where, key_states)
-        self.value_buffer.index_copy_(2, where, value_states)
-        self.filled.add_(key_states.shape[-2])
-        return self.key_buffer, self.value_buffer                            # (n, H, capacity, D)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep (and repeat) rows: the whole buffers (how much is written is known on the device only)."""
-        self.length = self.capacity
-        super().batch_select_indices(indices)
-        for buffer in (self.key_buffer, self.value_buffer, self.filled):    # for CUDA graphs: fixed addresses
-            torch._dynamo.mark_static_address(buffer)
-
-
 def full_attention_only(model) -> bool:
     """Whether every layer attends to the whole prefix (no sliding window): then the sampler's own cache and
     decode mask apply; models with sliding-window layers keep transformers' cache and masks."""
@@ -639,21 +612,19 @@ def full_attention_only(model) -> bool:
     return set(layer_types) == {"full_attention"}
 
 
-def kv_cache(model, capacity: int, *, fixed: bool) -> Cache:
-    """A PreallocatedLayer (or FixedShapeLayer) per layer; transformers' own cache for models with
-    sliding-window layers."""
+def kv_cache(model, capacity: int) -> Cache:
+    """A PreallocatedLayer per layer; transformers' own cache for models with sliding-window layers."""
     if not full_attention_only(model):
         return DynamicCache(config=model.config)
-    return Cache(layer_class_to_replicate=lambda: (FixedShapeLayer if fixed else PreallocatedLayer)(capacity))
+    return Cache(layer_class_to_replicate=lambda: PreallocatedLayer(capacity))
 
 
-def decode_mask(model, attention: torch.Tensor, *, fixed: bool) -> torch.Tensor:
-    """The attention mask of one decode step. (N, P + t) -> for SDPA on a CPU, the 4-D boolean mask
-    transformers would build from it, given as such so that it is kept when it is all ones: transformers drops
-    an all-ones mask, and SDPA then takes a slower grouped-query path (measured on CPUs only). A fixed-shape
-    step always gets it, over the whole cache."""
-    if not fixed and (model.config._attn_implementation != "sdpa" or attention.device.type != "cpu" or
-                      not full_attention_only(model)):
+def decode_mask(model, attention: torch.Tensor) -> torch.Tensor:
+    """The attention mask of one decode step. (N, P + t) -> for SDPA, the 4-D boolean mask transformers would
+    build from it, given as such: transformers then uses it as it is. From a 2-D mask it would drop an
+    all-ones mask (on a CPU SDPA then takes a slower grouped-query path) and, on CUDA, check on the host
+    whether the mask is all ones at every token, which waits for the device."""
+    if model.config._attn_implementation != "sdpa" or not full_attention_only(model):
         return attention
     return attention[:, None, None, :].bool()                                # (N, 1, 1, P + t)
 
@@ -674,13 +645,6 @@ def sampler_model(model, dtype: str):
     return model if dtype == "float32" else frozen(deepcopy(model), dtype)
 
 
-@functools.cache
-def compiled(model):
-    """The model's forward through torch.compile, once per model; on CUDA with its graphs captured."""
-    cuda = next(model.parameters()).device.type == "cuda"
-    return torch.compile(model, mode="reduce-overhead" if cuda else "default")
-
-
 @torch.no_grad()
 def refresh_sampler(sampler, model) -> None:
     """Copy the policy's weights into the sampler's bf16 copy (a no-op when the sampler is the policy)."""
@@ -689,28 +653,61 @@ def refresh_sampler(sampler, model) -> None:
             target.copy_(source)
 
 
-def first_stop_text(tokenizer, completions: torch.Tensor, text: str, *, since: int) -> list[int]:
-    """For each row of the (n, t) ids, the first position p >= since whose tokens up to p decode to a text
-    that holds `text` (a window of as many tokens as it has bytes, and one more: a token holds at least one
-    byte), else -1. One batch_decode for all rows and positions."""
+@functools.cache
+def stop_text_enders(tokenizer, text: str, vocab_size: int) -> np.ndarray:
+    """(vocab_size,) bool: the tokens that can complete `text`, so that a look decodes only the windows that
+    end at one: those whose own text holds the text's last character, is empty or is part of a character (a
+    byte-level token), and the ids the tokenizer does not know. For a text that ends in whitespace, every
+    token (a SentencePiece token's own text drops its leading space)."""
+    enders = np.ones(vocab_size, dtype=bool)
+    if text[-1].isspace():
+        return enders
+    known = min(len(tokenizer), vocab_size)
+    pieces = tokenizer.batch_decode([[i] for i in range(known)])
+    enders[:known] = [text[-1] in piece or not piece or "\ufffd" in piece for piece in pieces]
+    return enders
+
+
+def first_stop_text(tokenizer, rows: np.ndarray, text: str, *, since: int, enders: np.ndarray) -> list[int]:
+    """For each row of the (n, t) ids on the host, the first position p >= since whose tokens up to p decode
+    to a text that holds `text` (a window of as many tokens as it has bytes, and one more: a token holds at
+    least one byte), else -1. Only positions whose token is one of the `enders` are decoded, in one
+    batch_decode: the first p is always one, as the window before it (looked at before) lacks the text."""
     width = len(text.encode()) + 1
-    first = max(0, since - width + 1)                                        # the first column a window reads
-    rows, positions = completions[:, first:].tolist(), range(since - first, completions.shape[1] - first)
-    windows = [row[max(0, p - width + 1):p + 1] for row in rows for p in positions]
-    hits = [text in piece for piece in tokenizer.batch_decode(windows)]
-    per_row = [hits[r * len(positions):(r + 1) * len(positions)] for r in range(len(rows))]
-    return [first + positions[row.index(True)] if True in row else -1 for row in per_row]
+    row_of, position = np.nonzero(enders[rows[:, since:]])                  # row by row, p ascending
+    position += since
+    windows = [rows[r, max(0, p - width + 1):p + 1].tolist() for r, p in zip(row_of, position)]
+    found = [-1] * len(rows)
+    for r, p, piece in zip(row_of, position, tokenizer.batch_decode(windows)):
+        if found[r] < 0 and text in piece:
+            found[r] = int(p)
+    return found
 
 
-def end_at_stop_text(tokenizer, text: str, completion_ids: torch.Tensor, lengths: torch.Tensor,
-                     ended: torch.Tensor, live: torch.Tensor, *, since: int) -> None:
-    """The rows of `live` whose tokens since the last look complete `text` end there, unless they ended
-    before: lengths and ended, (N,) each, are updated in place. completion_ids: (N, t) so far."""
-    found = torch.tensor(first_stop_text(tokenizer, completion_ids[live], text, since=since),
-                         device=lengths.device)                              # (n_live,)
-    hits = (found >= 0) & (found + 1 < lengths[live])
-    lengths[live] = torch.where(hits, found + 1, lengths[live])
-    ended[live] |= hits
+def look(tokenizer, stop_text: str, enders: np.ndarray | None, completion_ids: torch.Tensor,
+         lengths: torch.Tensor, ended: torch.Tensor, invalid: torch.Tensor, live: torch.Tensor, *, since: int,
+         upto: int) -> np.ndarray:
+    """The sampler's look for finished rows, with one read of the device: which rows of `live` still run.
+    Those whose tokens since the last look complete `stop_text` end there, unless they ended before: lengths
+    and ended, (N,) each, are updated in place. completion_ids: (N, T), written up to column `upto`."""
+    first = max(0, since - len(stop_text.encode()))                         # the first column a window reads
+    window = completion_ids[live, first:upto] if stop_text else completion_ids[live, :0]  # (n_live, w)
+    state = torch.cat([invalid.long()[None], ended[live].long(), lengths[live], window.flatten()])
+    state = state.cpu().numpy()                                              # the one read
+    if state[0]:
+        raise RunStopped("the sampler got non-finite logits: the weights are not finite")
+    n = len(live)
+    running, row_lengths = state[1:n + 1] == 0, state[n + 1:2 * n + 1]
+    if stop_text:
+        found = np.array(first_stop_text(tokenizer, state[2 * n + 1:].reshape(n, -1), stop_text,
+                                         since=since - first, enders=enders)) + first
+        hits = (found >= first) & (found + 1 < row_lengths)
+        if hits.any():
+            rows = live[torch.from_numpy(hits.nonzero()[0]).to(live.device)]
+            lengths[rows] = torch.from_numpy(found[hits] + 1).to(lengths.device)
+            ended[rows] = True
+            running &= ~hits
+    return running
 
 
 def prefill(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cache: Cache, *, cache_name: str,
@@ -725,36 +722,31 @@ def prefill(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cache: C
     return out.logits[:, -1].float().repeat_interleave(group_size, dim=0)
 
 
-def decode_step(model, step, token: torch.Tensor, attention: torch.Tensor, next_position: torch.Tensor,
-                cache: Cache, *, cache_name: str, fixed: bool, amp) -> torch.Tensor:
-    """(n, V) logits of one decode step: the (n,) new tokens at their positions through `step` (the model, or
-    its compiled forward), attending where the (n, P + t) attention says, as decode_mask gives it."""
-    if step is not model:
-        torch.compiler.cudagraph_mark_step_begin()                           # a new replay of the graphs
+def decode_step(model, token: torch.Tensor, attention: torch.Tensor, next_position: torch.Tensor,
+                cache: Cache, *, cache_name: str, amp) -> torch.Tensor:
+    """(n, V) logits of one decode step: the (n,) new tokens at their positions, attending where the
+    (n, P + t) attention says, as decode_mask gives it."""
     with amp:
-        out = step(input_ids=token[:, None], attention_mask=decode_mask(model, attention, fixed=fixed),
-                   position_ids=next_position[:, None], **{cache_name: cache}, use_cache=True)
+        out = model(input_ids=token[:, None], attention_mask=decode_mask(model, attention),
+                    position_ids=next_position[:, None], **{cache_name: cache}, use_cache=True)
     return out.logits[:, -1].float()
 
 
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: list[int], group_size: int = 1,
            temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
-           stop_text: str = "", tokenizer=None, decode: str = "dynamic", amp=NO_AMP,
-           progress: bool = False) -> Rollout:
+           stop_text: str = "", tokenizer=None, amp=NO_AMP, progress: bool = False) -> Rollout:
     """G completions for each of B prompts (greedy at temperature 0), with a KV cache; each ends at a stop
     token or at the token that completes `stop_text` (decoded with `tokenizer`), kept as a stop token is.
-    Rows go on decoding until the next look (CHECK_EVERY): what they draw after their end is cut off.
-    decode: see --sampler-decode."""
+    Rows go on decoding until the next look (CHECK_EVERY): what they draw after their end is cut off."""
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = (x.to(device) for x in left_pad(prompts, stop_ids[0]))  # (B, P)
     n_rows, check_every = len(prompts) * group_size, CHECK_EVERY.get(device.type, CHECK_EVERY["cuda"])
     stop, width = torch.tensor(stop_ids, device=device), prompt_ids.shape[1]
-    fixed = decode != "dynamic" and full_attention_only(model)
-    step = compiled(model) if fixed and decode == "compiled" else model
-    cache = kv_cache(model, width + max_new_tokens, fixed=fixed)
+    cache = kv_cache(model, width + max_new_tokens)
     cached = dict(cache_name=cache_argument(model), amp=amp)                 # looked up once, not per token
     logits = prefill(model, prompt_ids, prompt_mask, cache, group_size=group_size, **cached)  # (N, V)
+    enders = stop_text_enders(tokenizer, stop_text, logits.shape[-1]) if stop_text else None
     attention = F.pad(prompt_mask.repeat_interleave(group_size, dim=0), (0, max_new_tokens))  # (N, P + T)
     next_position = attention.sum(-1)                                        # (N,)
     completion_ids = torch.full((n_rows, max_new_tokens), stop_ids[0], dtype=torch.long, device=device)
@@ -774,22 +766,18 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: li
         lengths[live] = torch.where(stops, t + 1, lengths[live])
         ended[live] |= stops
         if (t + 1) % check_every == 0 or t == max_new_tokens - 1:          # a look: the host waits
-            if invalid:
-                raise RunStopped("the sampler got non-finite logits: the weights are not finite")
-            if stop_text:
-                end_at_stop_text(tokenizer, stop_text, completion_ids[:, :t + 1], lengths, ended, live,
-                                 since=looked)
-            running, looked = ~ended[live], t + 1
+            running = look(tokenizer, stop_text, enders, completion_ids, lengths, ended, invalid, live,
+                           since=looked, upto=t + 1)                         # (n_live,) on the host
+            looked = t + 1
             if t == max_new_tokens - 1 or not running.any():
                 break
-            if not running.all() and (not fixed or 2 * running.sum() <= len(live)):  # rows leave
-                keep = running.nonzero().squeeze(-1)
+            if not running.all():                                            # rows leave
+                keep = torch.from_numpy(running.nonzero()[0]).to(device)
                 cache.batch_select_indices(keep)
                 live, token = live[keep], token[keep]
                 next_position, attention = next_position[keep], attention[keep]
         attention[:, width + t] = 1                                          # the token just drawn
-        visible = attention if fixed else attention[:, :width + t + 1]       # (n_live, P + T or P + t + 1)
-        logits = decode_step(model, step, token, visible, next_position, cache, fixed=fixed, **cached)
+        logits = decode_step(model, token, attention[:, :width + t + 1], next_position, cache, **cached)
         next_position = next_position + 1
     width = int(lengths.max())
     completion_mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).float()  # (N, width)
@@ -839,7 +827,7 @@ def collect_rollouts(model, tokenizer, task, examples: list[dict], cfg: Config, 
             parts.append(sample(model, prompts, max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids,
                                 group_size=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
                                 generator=generator, stop_text=completion_stop_text(tokenizer, cfg),
-                                tokenizer=tokenizer, decode=cfg.sampler_decode, amp=amp, progress=progress))
+                                tokenizer=tokenizer, amp=amp, progress=progress))
         return concat_rollouts(parts, stop_ids[0])
 
     return halving_on_oom(cfg, "sample_batch", draw, world=world)
@@ -1225,6 +1213,21 @@ def make_optimizer(model, cfg: Config) -> torch.optim.AdamW:
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
+def allocate_adamw_state(optimizer: torch.optim.AdamW) -> None:
+    """AdamW's state (8 bytes a parameter) allocated now, as the zeros at step 0 that its first step would
+    allocate, through load_state_dict: a card too small for it fails here with one line, not in the first
+    update after a batch was sampled, and the out-of-memory halving then sees the memory that is left."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    try:
+        state = {i: {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                     "exp_avg_sq": torch.zeros_like(p)} for i, p in enumerate(params)}
+        optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    except torch.cuda.OutOfMemoryError:
+        gib = 8 * sum(p.numel() for p in params) / 2**30
+        raise RunStopped(f"CUDA out of memory allocating AdamW's state ({gib:.1f} GiB): the model does not "
+                         "train on this card") from None
+
+
 def ppo_targets(rewards: torch.Tensor, mask: torch.Tensor, old_logprobs: torch.Tensor,
                 old_values: torch.Tensor, cfg: Config, *, ref_logprobs: torch.Tensor | None,
                 world: int) -> tuple[Targets, dict]:
@@ -1305,7 +1308,7 @@ def evaluate(model, tokenizer, task, examples: list[dict], cfg: Config, *, stop_
     model.eval()
     mine = list(range(rank, len(examples), world))
     stops = dict(max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids, tokenizer=tokenizer,
-                 stop_text=completion_stop_text(tokenizer, cfg), decode=cfg.sampler_decode)
+                 stop_text=completion_stop_text(tokenizer, cfg))
 
     def decode_all() -> list[dict]:
         records = []
@@ -1621,6 +1624,7 @@ def start_run(cfg: Config, run_dir: Path, device: torch.device, rank: int, world
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     optimizer = make_optimizer(model, cfg)
+    allocate_adamw_state(optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                   lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
     stream, start_step, extra = PromptStream(len(train_set), cfg.seed), 0, {"nonfinite_in_a_row": 0}
@@ -1631,6 +1635,9 @@ def start_run(cfg: Config, run_dir: Path, device: torch.device, rank: int, world
             raise UsageError(f"{run_dir} already ran {start_step} steps; pass --steps N (N > {start_step}) "
                              "to go on")
         stream = PromptStream(len(train_set), cfg.seed, **stream_state)
+    elif cfg.resume and is_finished(run_dir):
+        raise UsageError(f"{run_dir} is finished and kept no checkpoint (--no-final-checkpoint): it cannot "
+                         "go on")
     elif cfg.resume and rank == 0:
         print(f"{run_dir}: no checkpoint that loads; the run starts again from step 0", flush=True)
     if rank == 0:
@@ -1737,6 +1744,8 @@ def finish_run(run: Run, cfg: Config, step: int, last_eval: dict) -> None:
     summary = run_record(run.dir, read_run(run.dir)[1])
     lines = summary_lines(summary, cfg.prompts_per_step)
     write_json(run.dir / "summary.json", {**summary, "text": lines})
+    if not cfg.final_checkpoint:  # the run is finished: model/ holds its weights
+        shutil.rmtree(run.dir / "checkpoints", ignore_errors=True)
     print("summary: " + "\n         ".join(lines), flush=True)
     if run.wandb is not None:
         run.wandb.summary.update(json_safe({f"summary/{k}": v for k, v in summary.items()}))
@@ -1880,6 +1889,8 @@ def main(argv: list[str] | None = None):
     with one line `rlino: stopped: ...` and exit code 1; a stop signal after a checkpoint with EXIT_PAUSED."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # before CUDA starts: memory freed by a halved batch can be reused for other shapes (no fragmentation)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     try:
         if args.plot:
             return plot_runs(args.plot, args.out or "runs.png")

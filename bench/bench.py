@@ -16,6 +16,9 @@ Three measurements, one table, and every figure in --json:
                 seconds per step (median; the first step is dropped as warm-up when there are 3 or more).
   c. MFU:       FLOP/s of rlino.update's forward + backward over a fixed rollout, as a fraction of the FLOP/s of a
                 square matmul measured in the same run.
+  d. stop text: the host's time for one --stop-text look at a paper step's 320 rows (16 new tokens each): every
+                window decoded, as rlino did, against only those that end at a token able to complete the text
+                (rlino.stop_text_enders), on the tokenizer's own tokens of the task's prompts.
 """
 from __future__ import annotations
 
@@ -71,8 +74,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sampler-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="as rlino's --sampler-dtype: the weights rlino samples from (auto: bf16 on CUDA and on CPUs "
                         "with AVX512-BF16)")
-    p.add_argument("--sampler-decode", default="dynamic", choices=("dynamic", "fixed", "compiled"),
-                   help="as rlino's --sampler-decode (compiled: one untimed full call first, which compiles)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (lengths vary)")
     p.add_argument("--lr", type=float, default=5e-6, help="learning rate of both GRPO trainers")
     p.add_argument("--micro-batch", type=int, default=4, help="sequences per forward/backward, both trainers")
@@ -81,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "row has a zero advantage (rlino then cannot skip any row of the update)")
     p.add_argument("--peak-size", type=int, default=None, help="side of the square matmul (default 2048 CPU, "
                                                                "8192 CUDA)")
-    p.add_argument("--skip", nargs="*", default=[], choices=("sampler", "grpo", "trl", "mfu"),
+    p.add_argument("--skip", nargs="*", default=[], choices=("sampler", "grpo", "trl", "mfu", "stoptext"),
                    help="parts to leave out (for debugging)")
     p.add_argument("--json", default=None, metavar="PATH", help="write every figure here")
     args = p.parse_args(argv)
@@ -207,15 +208,10 @@ def bench_sampler(args, model, tokenizer, prompts, stop_ids, amp, cfg) -> tuple[
                      temperature=args.temperature, generator=torch.Generator(device).manual_seed(0), amp=amp)
         generate_batch(m, tokenizer, prompts[:2], 2, 4, stop_ids, args.temperature, amp)
 
-    def ours_once():
-        return rlino.sample(sampler, prompts, max_new_tokens=T, stop_ids=stop_ids, group_size=G,
-                            temperature=args.temperature, decode=args.sampler_decode, amp=amp,
-                            generator=torch.Generator(device).manual_seed(args.seed))
-
-    if args.sampler_decode == "compiled":
-        ours_once()  # compiles, for every batch size the call goes through
     t0 = clock(device)
-    rollout = ours_once()
+    rollout = rlino.sample(sampler, prompts, max_new_tokens=T, stop_ids=stop_ids, group_size=G,
+                           temperature=args.temperature, amp=amp,
+                           generator=torch.Generator(device).manual_seed(args.seed))
     seconds = clock(device) - t0
     ours = rollout.lengths.cpu().float()
     generate = timed_generate(args, model, tokenizer, prompts, stop_ids, amp)
@@ -224,8 +220,7 @@ def bench_sampler(args, model, tokenizer, prompts, stop_ids, amp, cfg) -> tuple[
     # greedy agreement on the same weights: temperature 0, two prompts, a few tokens; the same tokens up to the
     # first stop token
     greedy_tokens = 24
-    mine = rlino.sample(sampler, prompts[:2], max_new_tokens=greedy_tokens, stop_ids=stop_ids,
-                        decode=args.sampler_decode, amp=amp)
+    mine = rlino.sample(sampler, prompts[:2], max_new_tokens=greedy_tokens, stop_ids=stop_ids, amp=amp)
     ref = generate_batch(sampler, tokenizer, prompts[:2], 1, greedy_tokens, stop_ids, 0.0, amp)
     ref_lengths = completion_lengths(ref, stop_ids)
     agree = all(mine.completion_ids[i, :n].tolist() == ref[i, :m].tolist()
@@ -401,6 +396,31 @@ def bench_mfu(args, model, rollout: rlino.Rollout, cfg, amp) -> dict:
 
 
 # --------------------------------------------------------------------------- report
+def bench_stop_text_look(tokenizer, task, examples, *, rows: int = 320, upto: int = 256, new: int = 16,
+                         looks: int = 20, text: str = "\nUser:") -> dict:
+    """Median ms of one look for `text` at `rows` rows over columns upto - new .. upto, decoding every window
+    (before) or only the windows that end at one of rlino.stop_text_enders (now); rows are the tokens of the
+    prompts' text, each row starting elsewhere. The enders' one-time cost per run is reported beside."""
+    import numpy as np
+    ids = tokenizer(" ".join(task.instruction(ex) for ex in examples), add_special_tokens=False)["input_ids"]
+    ids = (ids * (1 + (rows + upto) // len(ids)))[:rows + upto]
+    window = np.array([ids[r:r + upto] for r in range(rows)])                # (rows, upto)
+    t0 = time.perf_counter()
+    enders = rlino.stop_text_enders(tokenizer, text, len(tokenizer))
+    enders_s = time.perf_counter() - t0
+    every = np.ones(len(tokenizer), dtype=bool)
+    result = {"rows": rows, "new_tokens": new, "enders_s": enders_s, "enders_share": float(enders.mean())}
+    for name, kept in (("every_window", every), ("enders_only", enders)):
+        times = []
+        for _ in range(looks):
+            t0 = time.perf_counter()
+            found = rlino.first_stop_text(tokenizer, window, text, since=upto - new, enders=kept)
+            times.append(time.perf_counter() - t0)
+        result[f"{name}_ms"], result[f"{name}_found"] = 1000 * statistics.median(times), found
+    assert result["every_window_found"] == result["enders_only_found"], "the two looks disagree"
+    return result
+
+
 def table(results: dict) -> str:
     """The figures as an aligned plain-text table: one row per measurement, its target and whether it is met."""
     rows = [("measurement", "rlino", "reference", "ratio", "target", "met")]
@@ -436,6 +456,13 @@ def table(results: dict) -> str:
         rows.append((f"c. update GFLOP/s ({m['rows']} rows, {m['tokens']} tokens)", f"{m['gflops_per_s']:.1f}",
                      f"{m['peak_gflops_per_s']:.1f} matmul {m['peak_dtype']}", f"{100 * m['mfu']:.0f}% MFU",
                      f">= {100 * TARGETS['mfu']:.0f}%", "yes" if m["mfu"] >= TARGETS["mfu"] else "no"))
+    if "stop_text" in results:
+        x = results["stop_text"]
+        rows.append((f"d. --stop-text look ms ({x['rows']} rows, {x['new_tokens']} new)", f"{x['enders_only_ms']:.2f}",
+                     f"{x['every_window_ms']:.1f} every window", f"{x['every_window_ms'] / x['enders_only_ms']:.0f}x",
+                     "", ""))
+        rows.append((f"   tokens that can end it: {100 * x['enders_share']:.1f}% of the vocabulary, found once in",
+                     f"{x['enders_s']:.2f} s", "", "", "", ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -496,6 +523,9 @@ def main(argv=None) -> dict:
                                            temperature=args.temperature,
                                            generator=torch.Generator(args.device).manual_seed(args.seed))
         results["mfu"] = bench_mfu(args, model, sampler_rollout, cfg, amp)
+    if "stoptext" not in args.skip:
+        print("d. the --stop-text look at 320 rows ...", flush=True)
+        results["stop_text"] = bench_stop_text_look(tokenizer, task, examples)
     if "grpo" not in args.skip:
         print(f"b. GRPO step: rlino, {size['steps']} steps ...", flush=True)
         grpo_examples = examples[:size["grpo_prompts"] * size["steps"]]
