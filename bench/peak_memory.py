@@ -5,7 +5,7 @@ Run it (from the repository root, in the venv; offline, about a minute on 2 CPU 
     python bench/peak_memory.py --vocab 49152    # SmolLM2's
 
 A Llama of hidden size 64 and 2 layers (random weights, seeded) with the vocabulary asked for, so that almost
-all the memory of the step is what the LM head's logits take. One rlino.optimise call (the GRPO step of
+all the memory of the step is what the LM head's logits take. One rlino.train_step call (the GRPO step of
 rlino.train, fp32, beta > 0, so that the reference's log-probs are computed too) over 16 completions of 128
 tokens after prompts of 32 tokens, in one micro-batch, advantages +1, -1, ... so that no row is skipped.
 Prints the resident set before the step and its peak (the process's high-water mark, ru_maxrss) in GB.
@@ -56,12 +56,13 @@ def main(argv=None) -> dict:
                   sampler_logprobs=torch.zeros(n, args.tokens))
     rollout = rlino.Rollout(**{f.name: fields[f.name] for f in dataclasses.fields(rlino.Rollout)})
     cfg = rlino.Config(dtype="float32", sampler_dtype="float32", max_new_tokens=args.tokens, temperature=0.6,
-                       lr=1e-6, micro_batch=n, beta=0.001, grad_ckpt=False)
+                       lr=1e-6, micro_batch=n, beta=0.001, grad_ckpt=False, group_size=2)
     cfg.clip_eps_high = cfg.clip_eps
     optimizer = rlino.make_optimizer(model, cfg)
-    advantages = torch.tensor([1.0, -1.0]).repeat(n // 2)
+    rewards = torch.tensor([1.0, 0.0]).repeat(n // 2)  # groups of 2, each mixed: advantages +-0.71
     before = resident_gb()
-    stats = rlino.optimise(model, optimizer, rollout, advantages, cfg, ref_model=ref_model)
+    targets, _ = rlino.step_targets(model, ref_model, rollout, rewards, cfg)
+    stats = rlino.train_step(model, optimizer, rollout, targets, cfg)
     result = {"vocab": args.vocab, "rows": n, "tokens": args.tokens,
               "parameters_M": sum(p.numel() for p in model.parameters()) / 1e6,
               "resident_before_gb": before, "peak_gb": peak_gb(), "loss": stats["loss"]}
