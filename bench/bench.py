@@ -141,7 +141,7 @@ def load_examples(args, n: int) -> tuple[str, list[dict]]:
 
 def rlino_config(args, task_name: str, prompts_per_step: int, max_new_tokens: int) -> rlino.Config:
     """rlino's config for the GRPO step: the device preset with the benchmark's sizes (one sampler call per step)."""
-    cfg = rlino.Config(algo="grpo", task=task_name, model=args.model, seed=args.seed, device=args.device.type,
+    cfg = dict(algo="grpo", task=task_name, model=args.model, seed=args.seed, device=args.device.type,
                        steps=args.size["steps"], prompts_per_step=prompts_per_step, group_size=args.size["group"],
                        sample_batch=prompts_per_step, max_new_tokens=max_new_tokens, temperature=args.temperature,
                        lr=args.lr, micro_batch=args.micro_batch, loss_agg="seq", beta=0.0, mu=1,

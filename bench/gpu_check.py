@@ -134,7 +134,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def check_config(size: str, prompt_format: str) -> rlino.Config:
     """The paper's settings (rlino's cuda preset, whatever the device), shrunk for the tiny size. The run's
     length (steps, eval_every, save_every) stays the paper's: the projection is always of one paper run."""
-    cfg = rlino.resolve_config(rlino.Config(task="gsm8k", prompt_format=prompt_format), torch.device("cuda"))
+    cfg = rlino.resolve_config({"task": "gsm8k", "prompt_format": prompt_format}, torch.device("cuda"))
     return dataclasses.replace(cfg, **(TINY if size == "tiny" else {}))
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from copy import deepcopy
@@ -207,17 +206,16 @@ def parse_args(argv=None):
     p.add_argument("--table", action="store_true",
                    help="only write OUT/incentive.md and .png from OUT/*.jsonl")
     args, rest = p.parse_known_args(argv)
-    cfg = rlino.Config(**vars(rlino.build_parser().parse_args(rest)))
-    return args, cfg
+    return args, vars(rlino.build_parser().parse_args(rest))  # rlino's flags given
 
 
 def main(argv=None) -> None:
-    args, cfg = parse_args(argv)
+    args, given = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.table:
-        device, _, _ = rlino.setup_distributed(cfg)  # one process: the device alone
-        cfg = rlino.resolve_config(cfg, device)
+        device, _, _ = rlino.setup_distributed(given.get("device", "auto"))  # one process: the device alone
+        cfg = rlino.resolve_config(given, device)
         if cfg.beta != 0 or cfg.mu != 1:
             raise SystemExit("incentive.py: the measurement is for mu = 1 and beta = 0")
         rlino.write_json(out / "config.json", {**dataclasses.asdict(cfg), "replicates": args.replicates,
@@ -225,7 +223,7 @@ def main(argv=None) -> None:
         amp = rlino.autocast(device, cfg)
         for spec in args.policy:
             path = out / f"{policy_name(spec)}.jsonl"
-            done = len(rlino.read_jsonl(path)) if path.exists() else 0
+            done = len(rlino.logged(path)) if path.exists() else 0
             if done >= args.replicates:
                 continue
             torch.manual_seed(cfg.seed)
@@ -246,7 +244,7 @@ def main(argv=None) -> None:
 
 # --------------------------------------------------------------------------- results
 def policy_records(out: Path) -> dict:
-    return {path.stem: rlino.read_jsonl(path) for path in sorted(out.glob("*.jsonl"))}
+    return {path.stem: rlino.logged(path) for path in sorted(out.glob("*.jsonl"))}
 
 
 def results_table(out: Path) -> str:
