@@ -587,13 +587,22 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: li
         attention[:, width + t] = 1                                          # the token just drawn
         logits = decode_step(model, token, attention[:, :width + t + 1], next_position, cache, **cached)
         next_position = next_position + 1
+    return Rollout(prompt_ids=prompt_ids.repeat_interleave(group_size, dim=0),
+                   prompt_mask=prompt_mask.repeat_interleave(group_size, dim=0),
+                   **completions(completion_ids, lengths, entropies, token_logprobs, pad_id=stop_ids[0]),
+                   truncated=~ended)
+
+
+def completions(ids: torch.Tensor, lengths: torch.Tensor, entropies: torch.Tensor, logprobs: torch.Tensor, *,
+                pad_id: int) -> dict:
+    """The sampler's (N, T) records cut to the longest completion, what each row drew after its end cut off
+    (ids: pad_id, log-probs: 0), and each row's mean entropy."""
     width = int(lengths.max())
-    completion_mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).float()  # (N, width)
-    completion_ids = torch.where(completion_mask.bool(), completion_ids[:, :width], stop_ids[0])
-    return Rollout(prompt_ids.repeat_interleave(group_size, dim=0),
-                   prompt_mask.repeat_interleave(group_size, dim=0), completion_ids, completion_mask, lengths,
-                   ~ended, (entropies[:, :width] * completion_mask).sum(-1) / lengths,
-                   token_logprobs[:, :width] * completion_mask)
+    completion_mask = (torch.arange(width, device=ids.device)[None, :] < lengths[:, None]).float()  # (N, w)
+    return {"completion_ids": torch.where(completion_mask.bool(), ids[:, :width], pad_id),
+            "completion_mask": completion_mask, "lengths": lengths,
+            "entropy": (entropies[:, :width] * completion_mask).sum(-1) / lengths,
+            "sampler_logprobs": logprobs[:, :width] * completion_mask}
 
 
 def sampler_generator(seed: int, step: int, chunk: int, device: torch.device) -> torch.Generator:
@@ -909,10 +918,11 @@ def select_rows(rollout: Rollout, index: torch.Tensor) -> Rollout:
     prompt_mask = rollout.prompt_mask[index]
     first = int((prompt_mask.sum(0) > 0).nonzero()[0])
     width = int(rollout.lengths[index].max())
-    return Rollout(rollout.prompt_ids[index, first:], prompt_mask[:, first:],
-                   rollout.completion_ids[index, :width], rollout.completion_mask[index, :width],
-                   rollout.lengths[index], rollout.truncated[index], rollout.entropy[index],
-                   rollout.sampler_logprobs[index, :width])
+    return Rollout(prompt_ids=rollout.prompt_ids[index, first:], prompt_mask=prompt_mask[:, first:],
+                   completion_ids=rollout.completion_ids[index, :width],
+                   completion_mask=rollout.completion_mask[index, :width], lengths=rollout.lengths[index],
+                   truncated=rollout.truncated[index], entropy=rollout.entropy[index],
+                   sampler_logprobs=rollout.sampler_logprobs[index, :width])
 
 
 def micro_batches(rollout: Rollout, size: int, *, rows: torch.Tensor | None = None):
@@ -1230,22 +1240,10 @@ def start_run(cfg: Config, run_dir: Path, device: torch.device, rank: int, world
     stop_ids = stop_token_ids(tokenizer, model, cfg.prompt_format)
     sampler = sampler_model(model, cfg.sampler_dtype)
     wandb_run = start_wandb(cfg, run_dir) if cfg.wandb and rank == 0 else None
-    return Run(dir=run_dir,
-               task=task,
-               train_set=train_set,
-               eval_set=eval_set,
-               model=model,
-               tokenizer=tokenizer,
-               stop_ids=stop_ids,
-               sampler=sampler,
-               ref_model=ref_model,
-               optimizer=optimizer,
-               scheduler=scheduler,
-               stream=stream,
-               start_step=start_step,
-               extra=extra,
-               amp=autocast(device, cfg),
-               wandb=wandb_run)
+    amp = autocast(device, cfg)
+    return Run(dir=run_dir, task=task, train_set=train_set, eval_set=eval_set, model=model,
+               tokenizer=tokenizer, stop_ids=stop_ids, sampler=sampler, ref_model=ref_model, optimizer=optimizer,
+               scheduler=scheduler, stream=stream, start_step=start_step, extra=extra, amp=amp, wandb=wandb_run)
 
 
 def step_metrics(step: int, rewards: torch.Tensor, rollout: Rollout, stats: dict, cfg: Config, *, world: int,
