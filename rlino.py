@@ -1242,8 +1242,9 @@ def start_run(cfg: Config, run_dir: Path, device: torch.device, rank: int, world
     wandb_run = start_wandb(cfg, run_dir) if cfg.wandb and rank == 0 else None
     amp = autocast(device, cfg)
     return Run(dir=run_dir, task=task, train_set=train_set, eval_set=eval_set, model=model,
-               tokenizer=tokenizer, stop_ids=stop_ids, sampler=sampler, ref_model=ref_model, optimizer=optimizer,
-               scheduler=scheduler, stream=stream, start_step=start_step, extra=extra, amp=amp, wandb=wandb_run)
+               tokenizer=tokenizer, stop_ids=stop_ids, sampler=sampler, ref_model=ref_model,
+               optimizer=optimizer, scheduler=scheduler, stream=stream, start_step=start_step, extra=extra,
+               amp=amp, wandb=wandb_run)
 
 
 def step_metrics(step: int, rewards: torch.Tensor, rollout: Rollout, stats: dict, cfg: Config, *, world: int,
