@@ -142,10 +142,10 @@ def load_examples(args, n: int) -> tuple[str, list[dict]]:
 def rlino_config(args, task_name: str, prompts_per_step: int, max_new_tokens: int) -> rlino.Config:
     """rlino's config for the GRPO step: the device preset with the benchmark's sizes (one sampler call per step)."""
     cfg = dict(algo="grpo", task=task_name, model=args.model, seed=args.seed, device=args.device.type,
-                       steps=args.size["steps"], prompts_per_step=prompts_per_step, group_size=args.size["group"],
-                       sample_batch=prompts_per_step, max_new_tokens=max_new_tokens, temperature=args.temperature,
-                       lr=args.lr, micro_batch=args.micro_batch, loss_agg="seq", beta=0.0, mu=1,
-                       dtype=args.dtype, sampler_dtype=args.sampler_dtype)
+               steps=args.size["steps"], prompts_per_step=prompts_per_step, group_size=args.size["group"],
+               sample_batch=prompts_per_step, max_new_tokens=max_new_tokens, temperature=args.temperature,
+               lr=args.lr, micro_batch=args.micro_batch, loss_agg="seq", beta=0.0, mu=1,
+               dtype=args.dtype, sampler_dtype=args.sampler_dtype)
     return rlino.resolve_config(cfg, args.device)
 
 
@@ -395,7 +395,7 @@ def bench_mfu(args, model, rollout: rlino.Rollout, cfg, amp) -> dict:
             "peak_dtype": str(dtype).removeprefix("torch."), "mfu": achieved / peak}
 
 
-# --------------------------------------------------------------------------- report
+# --------------------------------------------------------------------------- d. the --stop-text look
 def bench_stop_text_look(tokenizer, task, examples, *, rows: int = 320, upto: int = 256, new: int = 16,
                          looks: int = 20, text: str = "\nUser:") -> dict:
     """Median ms of one look for `text` at `rows` rows over columns upto - new .. upto, decoding every window
@@ -421,6 +421,7 @@ def bench_stop_text_look(tokenizer, task, examples, *, rows: int = 320, upto: in
     return result
 
 
+# --------------------------------------------------------------------------- report
 def table(results: dict) -> str:
     """The figures as an aligned plain-text table: one row per measurement, its target and whether it is met."""
     rows = [("measurement", "rlino", "reference", "ratio", "target", "met")]
