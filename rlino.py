@@ -1109,19 +1109,20 @@ def eval_records(model, tokenizer, task, examples: list[dict], cfg: Config, *, s
                 texts = decode_completions(tokenizer, drawn, stop_text=stop_text)
                 n_correct = score(task, texts, chunk, group_size=cfg.eval_samples) >= 1.0  # (n * samples,)
                 n_correct = n_correct.view(len(chunk), -1).sum(-1)
-            records += [{"correct": bool(correct[i]), "length": int(greedy.lengths[i]),
-                         "truncated": bool(greedy.truncated[i]), "n_correct": int(n_correct[i])}
+            records += [{"problem": mine[start + i], "correct": bool(correct[i]),
+                         "length": int(greedy.lengths[i]), "truncated": bool(greedy.truncated[i]),
+                         "n_correct": int(n_correct[i])}
                         for i in range(len(chunk))]
     return records
 
 
 def evaluate(model, tokenizer, task, examples: list[dict], cfg: Config, *, stop_ids: list[int], amp=NO_AMP,
-             rank: int = 0, world: int = 1) -> dict:
+             rank: int = 0, world: int = 1) -> tuple[dict, list[dict]]:
     """Greedy accuracy (and pass@k of the --eval-samples draws) on the examples, split over ranks
-    (--eval-batch halved on a CUDA out-of-memory error)."""
+    (--eval-batch halved on a CUDA out-of-memory error), and the per-problem records it comes from."""
     records = halving_on_oom(cfg, "eval_batch", eval_records, model, tokenizer, task, examples, cfg,
                              stop_ids=stop_ids, amp=amp, rank=rank, world=world)
-    records = gather_lists(records, world)
+    records = sorted(gather_lists(records, world), key=lambda r: r["problem"])
     correct = torch.tensor([r["correct"] for r in records], dtype=torch.bool)
     lengths = torch.tensor([r["length"] for r in records], dtype=torch.float32)
     result = {"eval_accuracy": correct.float().mean().item(), "eval_n": len(records),
@@ -1130,7 +1131,7 @@ def evaluate(model, tokenizer, task, examples: list[dict], cfg: Config, *, stop_
     n = cfg.eval_samples
     for k in sorted({k for k in (1, 2, 4, 8, 16, 32, 64, n) if 0 < k <= n}):
         result[f"eval_pass@{k}"] = float(np.mean([pass_at_k(n, r["n_correct"], k) for r in records]))
-    return result
+    return result, records
 
 
 # --------------------------------------------------------------------------- training
@@ -1247,13 +1248,22 @@ def start_run(cfg: Config, run_dir: Path, device: torch.device, rank: int, world
                amp=amp, wandb=wandb_run)
 
 
-def step_metrics(step: int, rewards: torch.Tensor, rollout: Rollout, stats: dict, cfg: Config, *, world: int,
-                 lr: float, seconds: tuple[float, float]) -> dict:
-    """The metrics line of one step, over the rollouts of every rank. seconds: (sampling, update)."""
-    rows = list(zip(rewards.tolist(), rollout.lengths.tolist(), rollout.truncated.tolist(),
-                    rollout.entropy.tolist()))
-    rewards, lengths, truncated, entropy = (torch.tensor(c, dtype=torch.float32)
-                                            for c in zip(*gather_lists(rows, world)))
+def rollout_records(step: int, prompts: list[int], rewards: torch.Tensor, rollout: Rollout, cfg: Config, *,
+                    world: int) -> list[dict]:
+    """Every rollout of the step, over all ranks: its prompt (an index into the training set), length,
+    reward, truncation and mean entropy (rollouts.jsonl; the step's metrics are computed from them)."""
+    rows = zip(rewards.tolist(), rollout.lengths.tolist(), rollout.truncated.tolist(),
+               rollout.entropy.tolist())
+    return gather_lists([{"step": step, "prompt": prompts[i // cfg.group_size], "length": length,
+                          "reward": reward, "truncated": truncated, "entropy": entropy}
+                         for i, (reward, length, truncated, entropy) in enumerate(rows)], world)
+
+
+def step_metrics(step: int, records: list[dict], stats: dict, cfg: Config, *, lr: float,
+                 seconds: tuple[float, float]) -> dict:
+    """The metrics line of one step, from its rollout records. seconds: (sampling, update)."""
+    rewards, lengths, truncated, entropy = (torch.tensor([r[key] for r in records], dtype=torch.float32)
+                                            for key in ("reward", "length", "truncated", "entropy"))
     correct, truncated = rewards >= 1.0, truncated.bool()
     wrong_truncated = truncated[~correct].float().mean().item() if (~correct).any() else 0.0
     return {"step": step, "reward_mean": rewards.mean().item(),
@@ -1284,10 +1294,12 @@ def log_metrics(run: Run, metrics: dict) -> None:
         run.wandb.log(json_safe(metrics), step=metrics["step"])
 
 
-def log_step(run: Run, metrics: dict, examples: list[dict], texts: list[str], rewards: torch.Tensor,
-             cfg: Config) -> None:
-    """Rank 0: the step's metrics line, a few completions to samples.jsonl, one line to stdout."""
+def log_step(run: Run, metrics: dict, records: list[dict], examples: list[dict], texts: list[str],
+             rewards: torch.Tensor, cfg: Config) -> None:
+    """Rank 0: the step's metrics line, its rollouts to rollouts.jsonl, a few completions to samples.jsonl,
+    one line to stdout."""
     log_metrics(run, metrics)
+    append_jsonl(run.dir / "rollouts.jsonl", *records)
     for i in range(min(cfg.log_samples, len(texts))):
         append_jsonl(run.dir / "samples.jsonl", {"step": metrics["step"],
                                                  "prompt": examples[i // cfg.group_size],
@@ -1298,9 +1310,10 @@ def log_step(run: Run, metrics: dict, examples: list[dict], texts: list[str], re
 def evaluate_run(run: Run, cfg: Config, step: int, *, rank: int, world: int) -> dict:
     """Evaluate the policy (through run.sampler, its copy when bf16) on the eval problems; rank 0 prints
     one line."""
-    result = evaluate(run.sampler, run.tokenizer, run.task, run.eval_set, cfg, stop_ids=run.stop_ids,
-                      amp=run.amp, rank=rank, world=world)
+    result, records = evaluate(run.sampler, run.tokenizer, run.task, run.eval_set, cfg, stop_ids=run.stop_ids,
+                               amp=run.amp, rank=rank, world=world)
     if rank == 0:
+        append_jsonl(run.dir / "evals.jsonl", *({"step": step, **r} for r in records))
         print(f"eval step {step}: accuracy {result['eval_accuracy']:.4f} on {result['eval_n']} problems, "
               f"length correct {result['eval_len_correct']:.1f} / "
               f"incorrect {result['eval_len_incorrect']:.1f}",
@@ -1405,13 +1418,14 @@ def train(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: in
             run.scheduler.step()
             ensure_finite_weights(run.model, step)
             refresh_sampler(run.sampler, run.model)
-            metrics = step_metrics(step, rewards, rollout, {**stats, **ppo_stats}, cfg, world=world,
+            records = rollout_records(step, mine, rewards, rollout, cfg, world=world)
+            metrics = step_metrics(step, records, {**stats, **ppo_stats}, cfg,
                                    lr=run.scheduler.get_last_lr()[0], seconds=(t1 - t0, time.time() - t1))
             if cfg.eval_every > 0 and step % cfg.eval_every == 0 or step == cfg.steps:
                 last_eval = evaluate_run(run, cfg, step, rank=rank, world=world)
                 metrics.update(last_eval)
             if rank == 0:
-                log_step(run, metrics, examples, texts, rewards, cfg)
+                log_step(run, metrics, records, examples, texts, rewards, cfg)
             if checkpoint_or_pause(run, cfg, step, finite=stats["finite"], stop_signal=stop_signal, rank=rank,
                                    world=world):
                 raise SystemExit(EXIT_PAUSED)
@@ -1715,9 +1729,9 @@ def write_json(path: Path, record: dict) -> None:
     replace_file(path, json.dumps(json_safe(record), indent=2, default=str) + "\n")
 
 
-def append_jsonl(path: Path, record: dict) -> None:
+def append_jsonl(path: Path, *records: dict) -> None:
     with stop_on_write_error(path), path.open("a") as f:
-        f.write(json.dumps(json_safe(record), default=str) + "\n")
+        f.write("".join(json.dumps(json_safe(record), default=str) + "\n" for record in records))
 
 
 @contextlib.contextmanager
@@ -1734,9 +1748,9 @@ def stop_on_write_error(path: Path, *, partial: Path | None = None):
 
 
 def cut_logs(run_dir: Path, step: int) -> None:
-    """Cut metrics.jsonl and samples.jsonl back to the lines of steps <= `step` (atomically), so that a
-    resumed run logs every step once."""
-    for name in ("metrics.jsonl", "samples.jsonl"):
+    """Cut the run's logs back to the lines of steps <= `step` (atomically), so that a resumed run logs every
+    step once."""
+    for name in ("metrics.jsonl", "samples.jsonl", "rollouts.jsonl", "evals.jsonl"):
         if (run_dir / name).exists():
             kept = [r for r in logged(run_dir / name) if r.get("step", 0) <= step]
             replace_file(run_dir / name, "".join(json.dumps(r) + "\n" for r in kept))
@@ -1910,9 +1924,10 @@ def eval_only(cfg: Config, device: torch.device, rank: int, world: int) -> dict:
     task, model, tokenizer, _, eval_set = load_task_and_model(cfg, device, train=False)
     with run_dir_lock(out, active=rank == 0):
         stop_ids = stop_token_ids(tokenizer, model, cfg.prompt_format)
-        result = evaluate(frozen(model, cfg.sampler_dtype), tokenizer, task, eval_set, cfg, stop_ids=stop_ids,
-                          amp=autocast(device, cfg), rank=rank, world=world)
-        result = {"model": cfg.model, "task": cfg.task, "max_new_tokens": cfg.max_new_tokens, **result}
+        result, records = evaluate(frozen(model, cfg.sampler_dtype), tokenizer, task, eval_set, cfg,
+                                   stop_ids=stop_ids, amp=autocast(device, cfg), rank=rank, world=world)
+        result = {"model": cfg.model, "task": cfg.task, "max_new_tokens": cfg.max_new_tokens, **result,
+                  "problems": records}
         if rank == 0:
             write_json(out / "eval.json", result)
             print(json.dumps(result, indent=2))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# rlino's commands:  ./run.sh setup | test | demo | length | accuracy | negative | horizon | incentive | paper ROW | paper-length ROW | bench | gpu-check
+# rlino's commands:  ./run.sh setup | test | demo | length | accuracy | negative | horizon | gap | incentive | paper ROW | paper-length ROW | bench | gpu-check
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${VENV:-.venv}
@@ -56,6 +56,33 @@ case "${1:-}" in
     done
     "$PY" bench/table.py "${runs[@]}" | tee "$out/$1.md"
     "$PY" bench/plot.py "${runs[@]}" --out "$out/$1.png" ;;
+  gap)  # experiment 4 (bench/EXPERIMENTS.md): GRPO seq against const on sum-chain, 48 steps, seeds
+    # ${SEEDS:-0 1 2 3 4 5}, pair by pair into ${GAP_DIR:-runs/gap}/grpo_<agg>_s<seed>, each run's CPU in its
+    # cpu.txt. A pair is one arithmetic: a pair whose finished arm ran on another CPU kind is run again whole
+    # (its old folders kept as <name>.discarded-<time>, to be reported); a stopped run starts again.
+    out=${GAP_DIR:-runs/gap}
+    cpu=$(lscpu | sed -n 's/^Model name: *//p')
+    mkdir -p "$out"
+    for seed in ${SEEDS:-0 1 2 3 4 5}; do
+      for agg in seq const; do
+        dir="$out/grpo_${agg}_s$seed"
+        if [ -f "$dir/summary.json" ] && [ "$(cat "$dir/cpu.txt" 2>/dev/null)" != "$cpu" ]; then
+          for other in seq const; do
+            [ -d "$out/grpo_${other}_s$seed" ] && mv "$out/grpo_${other}_s$seed" \
+              "$out/grpo_${other}_s$seed.discarded-$(date +%Y%m%d-%H%M%S)"
+          done
+        fi
+      done
+      for agg in seq const; do
+        dir="$out/grpo_${agg}_s$seed"
+        [ -f "$dir/summary.json" ] && continue
+        rm -rf "$dir"
+        "$PY" rlino.py --task sum-chain --model smollm2 "${EXPERIMENT_SETTINGS[@]}" --steps 48 --algo grpo \
+          --loss-agg "$agg" --seed "$seed" --out "$dir" "${@:2}" 2>&1 | grep -E "^(iter|eval|done|summary|rlino:| {9})"
+        echo "$cpu" > "$dir/cpu.txt"  # finished on this CPU
+      done
+    done
+    "$PY" bench/gap.py pairs "$out" | tee "$out/gap.md" ;;
   incentive)  # the length incentive of one update at fixed policies (README: "Experiments"; bench/incentive.py):
     # a GRPO-seq run (seed 0, checkpoints at steps 6 and 12), then ${REPLICATES:-20} replicate batches at each
     # of ${POLICIES:-initial 12} (initial, or a step of that run), into ${INCENTIVE_DIR:-runs/incentive}.
@@ -131,6 +158,6 @@ case "${1:-}" in
     # A rehearsal on this CPU: bench/rehearse_gpu_check.sh (gpu-check --device cpu --size tiny)
     "$PY" bench/gpu_check.py "${@:2}" ;;
   *)
-    echo "usage: ./run.sh setup | test | demo | length | accuracy | negative | horizon | incentive | paper ROW | paper-length ROW | bench | gpu-check  [arguments]"
+    echo "usage: ./run.sh setup | test | demo | length | accuracy | negative | horizon | gap | incentive | paper ROW | paper-length ROW | bench | gpu-check  [arguments]"
     exit 2 ;;
 esac

@@ -44,7 +44,7 @@ import random
 import re
 import sys
 from fractions import Fraction
-from itertools import combinations
+from itertools import combinations, product
 
 import mpmath
 
@@ -203,6 +203,10 @@ BOXED_INSTRUCTION = "Please reason step by step, and put your final answer withi
 # The paper's authors' prompt (their public verl scripts, github Durgesh-Kalwar/verl-2llm: the GSM8K and MATH
 # preprocessing), given to every model as the bare text, without a chat template.
 PAPER_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
+SUM_CHAIN_INSTRUCTION = ("Please reason step by step, adding one number at a time, and put your final answer "
+                         "within \\boxed{}. For example, for 2 + 1 + 4: 2 + 1 = 3, then 3 + 4 = 7, so the "
+                         "answer is \\boxed{7}. For 5 + 3 + 2: 5 + 3 = 8, then 8 + 2 = 10, so the answer is "
+                         "\\boxed{10}.")
 COUNTDOWN_INSTRUCTION = ("Using the numbers {nums}, create an equation that equals {target}. You can use "
                          "basic arithmetic operations (+, -, *, /) and each number can only be used once. "
                          "Show your work in <think> </think> tags. And return the final answer in "
@@ -708,6 +712,28 @@ class ArithReason(Arith):
         return f"{example['question']} {BOXED_INSTRUCTION}"
 
 
+class SumChain(Arith):
+    """SYNTHETIC task for the CPU length-gap experiment (experiment 4), not a benchmark: 'What is 3 + 1 + 5
+    + 2?', four terms in 1..5, with two worked examples in the prompt, so that a right answer is usually
+    written out (SmolLM2-135M: ~9 % right at T 0.8, right answers ~140 tokens; the screen of 16 designs is in
+    bench/EXPERIMENTS.md). Scored like GSM8K (the last \\boxed{}, else the last number). All 625 problems
+    are split once by a fixed seed: 125 test, 500 train (shuffled by `seed`)."""
+
+    name = "sum-chain"
+
+    def instruction(self, example):
+        return f"{example['question']} {SUM_CHAIN_INSTRUCTION}"
+
+    def _records(self, split, data_dir, limit, seed):
+        problems = list(product(range(1, 6), repeat=4))
+        random.Random(1234).shuffle(problems)
+        chosen = problems[:125] if split == "test" else problems[125:]
+        if split == "train":
+            random.Random(seed).shuffle(chosen)
+        return [{"question": "What is " + " + ".join(map(str, terms)) + "?", "answer": str(sum(terms))}
+                for terms in chosen]
+
+
 # ----------------------------------------------------------------------------- the paper's prompts (GPU rows)
 class AsThePaper:
     """A benchmark posed as the paper's authors posed it: the question, then PAPER_INSTRUCTION, as the bare
@@ -739,7 +765,7 @@ class MATHPaper(AsThePaper, MATH):
 
 # --------------------------------------------------------------------------------------------------- registry
 TASKS: dict[str, Task] = {task.name: task for task in (GSM8K(), MATH(), Countdown(), Arith(), ArithReason(),
-                                                       GSM8KPaper(), MATHPaper())}
+                                                       SumChain(), GSM8KPaper(), MATHPaper())}
 
 
 def get_task(name: str) -> Task:

@@ -1068,6 +1068,19 @@ def test_main_two_steps_writes_the_run_and_changes_parameters(tiny_dir, tmp_path
         assert STEP_KEYS <= line.keys(), STEP_KEYS - line.keys()
         assert (ppo_keys <= line.keys()) == (algo == "ppo")
     assert (out / "samples.jsonl").read_text().count("\n") == 4
+    rollouts = [json.loads(x) for x in (out / "rollouts.jsonl").read_text().splitlines()]  # every rollout
+    for line in lines[1:]:
+        mine = [r for r in rollouts if r["step"] == line["step"]]
+        assert len(mine) == 2 * 4  # prompts x G, each prompt's G rollouts together
+        assert len({r["prompt"] for r in mine[:4]}) == len({r["prompt"] for r in mine[4:]}) == 1
+        assert line["reward_mean"] == pytest.approx(np.mean([r["reward"] for r in mine]))
+        assert line["len_mean"] == pytest.approx(np.mean([r["length"] for r in mine]))
+        assert line["truncated_frac"] == pytest.approx(np.mean([r["truncated"] for r in mine]))
+    evals = [json.loads(x) for x in (out / "evals.jsonl").read_text().splitlines()]  # each problem, each eval
+    for line in (lines[0], lines[-1]):
+        mine = [r for r in evals if r["step"] == line["step"]]
+        assert [r["problem"] for r in mine] == list(range(line["eval_n"]))
+        assert line["eval_accuracy"] == pytest.approx(np.mean([r["correct"] for r in mine]))
     from transformers import AutoModelForCausalLM
     before = AutoModelForCausalLM.from_pretrained(tiny_dir).state_dict()
     after = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()  # the plain policy, also for PPO
@@ -1184,7 +1197,8 @@ def test_plain_prompts_end_at_the_stop_text_and_what_follows_counts_for_nothing(
 
 
 # --------------------------------------------------------------------------- (g) the real embedded model
-def test_embedded_smollm2_loads_samples_and_updates():
+def test_embedded_smollm2_loads_samples_and_updates(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLINO_CACHE", str(tmp_path))  # a new user's first load: the GGUF file (accelerate)
     device = torch.device("cpu")
     model, tokenizer = rlino.load_model(rlino.EMBEDDED_MODEL, device)
     assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
@@ -1317,6 +1331,10 @@ def test_eval_only_writes_accuracy_pass_at_k_and_lengths(tiny_dir, tmp_path, mon
     assert {"eval_pass@1", "eval_pass@2", "eval_pass@4", "eval_len_incorrect",
             "eval_len_incorrect_p90"} <= saved.keys()
     assert saved["eval_pass@1"] <= saved["eval_pass@2"] <= saved["eval_pass@4"]
+    problems = saved["problems"]  # the per-problem records the figures come from
+    assert [p["problem"] for p in problems] == list(range(6))
+    assert saved["eval_accuracy"] == pytest.approx(np.mean([p["correct"] for p in problems]))
+    assert saved["eval_pass@4"] == pytest.approx(np.mean([p["n_correct"] > 0 for p in problems]))
 
 
 def write_run(folder: Path, algo: str, seed: int, steps: int = 5, wrong_slope: float = 3.0,
@@ -1358,11 +1376,15 @@ def bench_module(name: str):
     return __import__(name)
 
 
-def test_mean_ci_is_students_t_interval():
+def test_mean_ci_is_students_t_interval_and_the_sign_flip_p_is_exact():
     """mean ± t_{0.975, n-1} s / sqrt(n): for 1, 2, 3 that is 2 ± 4.303 / sqrt(3) = 2 ± 2.484."""
     table = bench_module("table")
     assert table.mean_ci([1.0, 2.0, 3.0]) == "2.000 ± 2.484"
     assert table.mean_ci([5.0, None]) == "5.000 (n = 1)" and table.mean_ci([None]) == "-"
+    # the exact sign-flip p: 5 positive pairs reach only 2 / 32; 4 of 2^3 patterns reach (3, -1, 2)
+    assert table.sign_flip_p([1.0, 2.0, 3.0, 4.0, 5.0]) == 2 / 32
+    assert table.sign_flip_p([3.0, -1.0, 2.0]) == pytest.approx(4 / 8)
+    assert table.sign_flip_p([0.0, 0.0]) == 1.0
     assert (rlino.slope([(1, 83.0), (2, 86.0), (3, 89.0)]) == pytest.approx(3.0)
             and rlino.slope([(1, 2.0)]) is None)
 
@@ -1423,7 +1445,24 @@ def test_paired_differences_of_two_arms_by_seed(tmp_path):
     assert table[2] == "| 0 | +3.000 | +1.000 | +2.000 | +3.000 | +1.000 | +2.000 | 0.400 | 0.400 | +0.000 |"
     mean = "| mean ± 95 % CI |  |  | 2.500 ± 6.353 |  |  | 2.500 ± 6.353 |  |  | 0.000 ± 0.000 |"
     assert table[4] == mean
+    assert table[5] == "| exact sign-flip p |  |  | 0.5000 |  |  | 0.5000 |  |  | 1.0000 |"
     assert "2 pairs (seeds 0, 1)" in table[-1]
+
+
+def test_length_gap_reads_mixed_groups_and_the_verdict_follows_the_registered_rule():
+    """bench/gap.py (experiment 4): per mixed group mean wrong - mean right length, over steps 25-48 only; the
+    verdict: inside ±10 tokens 'no effect of practical size', else the CI's side with the sign-flip p."""
+    gap = bench_module("gap")
+    rows = [{"step": step, "prompt": 0, "length": length, "reward": reward, "truncated": length > 300}
+            for step in (24, 30)
+            for length, reward in ((50, 1.0), (70, 0.0), (90, 0.0), (400, 0.0))]   # step 24: outside
+    rows += [{"step": 31, "prompt": 1, "length": 10, "reward": 0.0, "truncated": False}] * 4  # not mixed
+    assert gap.length_gap(rows, 4) == pytest.approx((70 + 90 + 400) / 3 - 50)
+    assert gap.length_gap(rows, 4, keep_truncated=False) == pytest.approx(80 - 50)
+    assert gap.verdict([20.0, 25.0, 30.0, 22.0, 28.0, 26.0]).startswith("supports")
+    assert gap.verdict([-20.0, -25.0, -30.0, -22.0, -28.0, -26.0]).startswith("contradicts")
+    assert gap.verdict([1.0, -1.0, 2.0, 0.5, -0.5, 1.5]).startswith("no effect of practical size")
+    assert gap.verdict([30.0, -25.0, 2.0, 40.0, -10.0, 5.0]) == "cannot tell"
 
 
 def test_run_summary_says_when_most_groups_carry_no_signal(tmp_path):
@@ -1844,6 +1883,8 @@ def test_a_full_disk_while_logging_stops_with_one_line_and_resume_goes_on(log, t
     rlino.main(["--resume", str(out)])
     assert logged_steps(out) == [0, 1, 2] and rlino.is_finished(out)
     assert [json.loads(x)["step"] for x in (out / "samples.jsonl").read_text().splitlines()] == [1, 1, 2, 2]
+    rollout_steps = [json.loads(x)["step"] for x in (out / "rollouts.jsonl").read_text().splitlines()]
+    assert rollout_steps == [1] * 8 + [2] * 8  # cut back to step 1 by the resume, as the other logs
 
 
 @pytest.mark.parametrize("breakage", ["summary.json missing", "summary.json torn"])
@@ -2778,6 +2819,25 @@ def test_arith_is_synthetic_seeded_and_disjoint():
         assert task.reward(f"so \\boxed{{{p['answer']}}}", p) == 1.0
         assert task.reward(f"{a} {op} {b} = {p['answer']}", p) == 1.0  # the bare answer it asks for
     assert get_task("arith").prompt_messages(test[0])[0]["content"].endswith("Answer with just the number.")
+
+
+def test_sum_chain_is_every_four_term_sum_split_once_and_read_like_gsm8k():
+    """sum-chain (experiment 4): the 625 sums of four terms in 1..5, 125 test / 500 train, disjoint, the train
+    order seeded; the last \\boxed{} is read, else the last number."""
+    task = get_task("sum-chain")
+    test, train = task.load("test"), task.load("train")
+    assert len(test) == 125 and len(train) == 500
+    assert len({p["question"] for p in test} | {p["question"] for p in train}) == 625
+    assert task.load("train", seed=5) == task.load("train", seed=5) != train
+    for p in test:
+        terms = [int(t) for t in re.fullmatch(r"What is (\d) \+ (\d) \+ (\d) \+ (\d)\?",
+                                              p["question"]).groups()]
+        assert all(1 <= t <= 5 for t in terms) and int(p["answer"]) == sum(terms)
+    example = test[0]
+    assert task.prompt_messages(example)[0]["content"].startswith(example["question"] + " Please reason")
+    assert task.reward(f"1 + 2 = 3 ... so \\boxed{{{example['answer']}}}.", example) == 1.0
+    assert task.reward(f"the sum is {example['answer']}", example) == 1.0
+    assert task.reward(f"\\boxed{{{int(example['answer']) + 1}}} or {example['answer']}", example) == 0.0
 
 
 # ----------------------------------------------------------------------------------------------- data loading

@@ -494,8 +494,8 @@ def evaluation_batch(b: Bench) -> dict:
     problems, greedy and one sampled answer (T 1.0, top-p 0.95) each."""
     cfg = dataclasses.replace(b.cfg, **PAPER_EVAL)
     with forced_stops(b.sampler, b.triggers(cfg.max_new_tokens), b.stops["stop_ids"][0]):
-        got = rlino.evaluate(b.sampler, b.tokenizer, b.task, b.examples[:cfg.eval_batch], cfg,
-                             stop_ids=b.stops["stop_ids"], amp=b.amp)
+        got, _ = rlino.evaluate(b.sampler, b.tokenizer, b.task, b.examples[:cfg.eval_batch], cfg,
+                                stop_ids=b.stops["stop_ids"], amp=b.amp)
     return {k: v for k, v in got.items() if k in ("eval_n", "eval_truncated_frac", "eval_len_incorrect_p50",
                                                   "eval_len_incorrect_p90")}   # greedy answers' lengths
 

@@ -9,7 +9,8 @@ Run it (from the repository root, in the venv):
 config.json and metrics.jsonl: the least-squares slope of `len_incorrect` over the training steps (steps
 without incorrect completions left out, as `bench/table.py` does), over the steps from `--late-from` on as
 well when it is given, and the last evaluation's accuracy; then each paired difference A - B, mean +- the
-half-width of its 95 % CI (Student's t, pairs - 1 degrees of freedom). Prints a markdown table.
+half-width of its 95 % CI (Student's t, pairs - 1 degrees of freedom), and its exact two-sided sign-flip p
+(which needs no normality; its smallest value is 2 / 2^pairs). Prints a markdown table.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # rlino.py lives one folder up
 import rlino  # noqa: E402
-from table import mean_ci  # noqa: E402  (bench/table.py)
+from table import mean_ci, sign_flip_p  # noqa: E402  (bench/table.py)
 
 
 def per_seed(run_dirs: list[str], late_from: int | None) -> tuple[str, dict]:
@@ -66,7 +67,8 @@ def paired_table(a_dirs: list[str], b_dirs: list[str], *, late_from: int | None 
             cells.append("-" if d is None else f"{d:+.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     mean_row = ["mean ± 95 % CI"] + [cell for k in keys for cell in ("", "", mean_ci(diffs[k]))]
-    lines.append("| " + " | ".join(mean_row) + " |")
+    p_row = ["exact sign-flip p"] + [cell for k in keys for cell in ("", "", f"{sign_flip_p(diffs[k]):.4f}")]
+    lines += ["| " + " | ".join(mean_row) + " |", "| " + " | ".join(p_row) + " |"]
     steps = sorted({r["eval step"] for r in (*a.values(), *b.values())})
     return "\n".join(lines) + (f"\n\nA = {a_name}, B = {b_name}; {len(seeds)} pairs (seeds "
                                f"{', '.join(map(str, seeds))}); last evaluation at step "
