@@ -1347,15 +1347,12 @@ def finish_run(run: Run, cfg: Config, step: int, last_eval: dict) -> None:
     """Rank 0: the final model (PPO's value head beside it) and tokenizer into model/ (written beside it, then
     renamed), the final evaluation into eval.json, and the summary, printed and in summary.json (which marks
     the run finished)."""
-    partial = run.dir / "model.partial"
-    shutil.rmtree(partial, ignore_errors=True)
     policy = {k: v for k, v in run.model.state_dict().items() if not k.startswith("value_head.")}
-    run.model.save_pretrained(partial, state_dict=policy)  # loads as the plain model, PPO's critic beside it
-    if cfg.algo == "ppo":
-        torch.save(run.model.value_head.state_dict(), partial / "value_head.pt")
-    run.tokenizer.save_pretrained(partial)
-    shutil.rmtree(run.dir / "model", ignore_errors=True)
-    partial.replace(run.dir / "model")
+    with written_atomically(run.dir / "model") as partial:
+        run.model.save_pretrained(partial, state_dict=policy)  # loads as the plain model, the critic beside
+        if cfg.algo == "ppo":
+            torch.save(run.model.value_head.state_dict(), partial / "value_head.pt")
+        run.tokenizer.save_pretrained(partial)
     write_json(run.dir / "eval.json", {"model": cfg.model, "task": cfg.task, "step": step, **last_eval})
     summary = run_record(run.dir, read_run(run.dir)[1])
     lines = summary_lines(summary, prompts_per_step=cfg.prompts_per_step, max_new_tokens=cfg.max_new_tokens)
@@ -1539,13 +1536,9 @@ def load_model(name: str, device: torch.device):
         model.hf_quantizer.remove_quantization_config(model)  # else save_pretrained refuses the model
     if name == EMBEDDED_MODEL and gguf_file is not None:  # the first load: saved, then loaded as later ones
         print(f"saving {EMBEDDED_GGUF} dequantised once into {cache}", flush=True)
-        partial = cache.with_name(cache.name + f".tmp{os.getpid()}")
-        model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        if cache.exists():  # another process finished first
-            shutil.rmtree(partial)
-        else:
-            partial.replace(cache)
+        with written_atomically(cache, partial=cache.with_name(f"{cache.name}.tmp{os.getpid()}")) as partial:
+            model.save_pretrained(partial)                                   # (each rank its own partial)
+            tokenizer.save_pretrained(partial)
         return load_model(name, device)
     tokenizer.padding_side = "left"  # prompts end where completions start
     if tokenizer.pad_token is None:
@@ -1717,12 +1710,34 @@ def json_safe(record: dict) -> dict:
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
-def replace_file(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically: a temporary file beside it, renamed over it."""
-    partial = path.with_name(path.name + ".tmp")
-    with stop_on_write_error(path, partial=partial):
-        partial.write_text(text)
+@contextlib.contextmanager
+def written_atomically(path: Path, *, partial: Path | None = None, run_dir: Path | None = None):
+    """Every file and folder rlino writes whole: the block writes `partial` (by default `path` + ".tmp"), then
+    it is renamed to `path`; a folder that another process wrote first is kept. A write error (a full disk;
+    torch.save's is a RuntimeError) removes the partial write and stops the run with one line: `path` keeps
+    what it held."""
+    partial = partial or path.with_name(path.name + ".tmp")
+    remove(partial)                                                          # left by a killed run
+    try:
+        yield partial
+    except (OSError, RuntimeError) as err:
+        remove(partial)
+        reason = getattr(err, "strerror", None) or (str(err).splitlines() or [""])[0][:120]
+        raise RunStopped(f"cannot write {path} ({reason}); free some space, then continue with --resume "
+                         f"{run_dir or path.parent} (the last checkpoint is intact)") from None
+    if partial.is_dir() and path.exists():
+        remove(partial)
+    else:
         partial.replace(path)
+
+
+def remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def replace_file(path: Path, text: str) -> None:
+    with written_atomically(path) as partial:
+        partial.write_text(text)
 
 
 def write_json(path: Path, record: dict) -> None:
@@ -1735,14 +1750,12 @@ def append_jsonl(path: Path, *records: dict) -> None:
 
 
 @contextlib.contextmanager
-def stop_on_write_error(path: Path, *, partial: Path | None = None):
-    """A write error (a full disk) stops the run with one line; a partial file is removed, and a torn log
-    line is cut back by --resume, which continues from the last checkpoint once there is space again."""
+def stop_on_write_error(path: Path):
+    """A write error (a full disk) while appending to a log stops the run with one line; --resume cuts the
+    torn line back and continues from the last checkpoint once there is space again."""
     try:
         yield
     except OSError as err:
-        if partial is not None:
-            partial.unlink(missing_ok=True)
         raise RunStopped(f"cannot write {path} ({err.strerror or err}); free some space, then continue with "
                          f"--resume {path.parent} (the last checkpoint is intact)") from None
 
@@ -1840,14 +1853,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, *, st
                      "torch": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
     path = folder / f"step-{step}.pt"
-    partial = path.with_suffix(".pt.tmp")
-    try:
+    with written_atomically(path, run_dir=run_dir) as partial:
         torch.save(state, partial)
-    except (OSError, RuntimeError) as err:
-        partial.unlink(missing_ok=True)
-        raise RunStopped(f"cannot write the checkpoint {path} ({(str(err).splitlines() or [''])[0][:120]}); "
-                         "the previous checkpoint is intact") from None
-    partial.replace(path)
     for old in checkpoint_paths(run_dir)[:-keep]:
         old.unlink()
     return path
