@@ -56,7 +56,7 @@ case "${1:-}" in
     done
     "$PY" bench/table.py "${runs[@]}" | tee "$out/$1.md"
     "$PY" bench/plot.py "${runs[@]}" --out "$out/$1.png" ;;
-  gap)  # experiment 4 (bench/EXPERIMENTS.md): GRPO seq against const on sum-chain, 48 steps, seeds
+  gap)  # experiment 4 (bench/EXPERIMENTS.md): GRPO seq against const on sum-chain, G = 8, 48 steps, seeds
     # ${SEEDS:-0 1 2 3 4 5}, pair by pair into ${GAP_DIR:-runs/gap}/grpo_<agg>_s<seed>, each run's CPU in its
     # cpu.txt. A pair is one arithmetic: a pair whose finished arm ran on another CPU kind is run again whole
     # (its old folders kept as <name>.discarded-<time>, to be reported); a stopped run starts again.
@@ -77,8 +77,9 @@ case "${1:-}" in
         dir="$out/grpo_${agg}_s$seed"
         [ -f "$dir/summary.json" ] && continue
         rm -rf "$dir"
-        "$PY" rlino.py --task sum-chain --model smollm2 "${EXPERIMENT_SETTINGS[@]}" --steps 48 --algo grpo \
-          --loss-agg "$agg" --seed "$seed" --out "$dir" "${@:2}" 2>&1 | grep -E "^(iter|eval|done|summary|rlino:| {9})"
+        "$PY" rlino.py --task sum-chain --model smollm2 "${EXPERIMENT_SETTINGS[@]}" --group-size 8 --steps 48 \
+          --algo grpo --loss-agg "$agg" --seed "$seed" --out "$dir" "${@:2}" 2>&1 \
+          | grep -E "^(iter|eval|done|summary|rlino:| {9})"
         echo "$cpu" > "$dir/cpu.txt"  # finished on this CPU
       done
     done

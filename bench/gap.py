@@ -2,7 +2,7 @@
 GRPO with --loss-agg seq against const (Dr. GRPO), paired by seed; and the gate of its task on a pilot run.
 
 Run it (from the repository root, in the venv):
-    python bench/gap.py gate runs/gap/pilot_s100     # the task's gate, on the 24-step GRPO-seq pilot
+    python bench/gap.py gate runs/gap/pilot_s100     # the task's gate, on a 24-step GRPO-seq pilot
     python bench/gap.py pairs runs/gap               # the pairs grpo_seq_s<seed> / grpo_const_s<seed>
 
 Everything is read from the run folders' rollouts.jsonl (every rollout: step, prompt, length, reward,
@@ -157,6 +157,8 @@ def gate(run: Path) -> None:
     checks = [("A  sampled start accuracy >= 10 % on 100 test problems", start["eval_pass@1"],
                start["eval_pass@1"] >= 0.10 and start["eval_n"] >= 100),
               ("A' (fallback) sampled start accuracy >= 5 %", start["eval_pass@1"], start["eval_pass@1"] >= 0.05),
+              (f"A'' (G = 8 design) the same, from {cfg['eval_samples']} draws per problem", start["eval_pass@1"],
+               start["eval_pass@1"] >= 0.05 and cfg["eval_samples"] >= 4 and start["eval_n"] >= 100),
               ("B1 steps 13-24: median length of right answers >= 40 tokens",
                statistics.median(right) if right else float("nan"), bool(right) and statistics.median(right) >= 40),
               ("B2 steps 13-24: truncated share of all rollouts < 15 %", float(np.mean([r["truncated"] for r in half])),
