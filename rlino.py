@@ -77,8 +77,8 @@ class UsageError(Exception):
 
 
 class RunStopped(Exception):
-    """Training cannot go on (non-finite weights, a full disk, ...): one line `rlino: stopped: ...`, exit code
-    1. The last checkpoint is intact."""
+    """Training cannot go on (non-finite weights, a full disk, ...): one line `rlino: stopped: ...`, exit
+    code 1; the last checkpoint is intact."""
 
 
 EXIT_PAUSED = 3  # a run stopped by Ctrl-C / SIGTERM after a checkpoint: unfinished, continue it with --resume
@@ -172,8 +172,7 @@ class Config:
 
 
 PRESETS = {
-    # The defaults above: small enough that the main job on a 2-core CPU shows a step within 5 minutes and
-    # ends within 30.
+    # The defaults above: a run on a 2-core CPU shows a step within 5 minutes and ends within 30.
     "cpu": {},
     # The paper's settings (G = 5, temperature 0.6, lr 1e-6, 64 prompts per step, 1,024 new tokens).
     "cuda": dict(steps=200, prompts_per_step=64, group_size=5, sample_batch=64, max_new_tokens=1024,
@@ -183,8 +182,7 @@ PRESETS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """argparse built from Config: one --flag per field, its help line and default shown in --help. It
-    returns the flags given and no others (resolve_config fills in the rest)."""
+    """One --flag per Config field (help, default, cuda preset); parsing returns only the flags given."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
@@ -207,7 +205,7 @@ def fail(message: str):
 
 
 def native_bf16(device: torch.device) -> bool:
-    """bf16 matmuls in hardware: CUDA, and CPUs with AVX512-BF16 (elsewhere bf16 is ~25x slower than fp32)."""
+    """bf16 matmuls in hardware: CUDA, and CPUs with AVX512-BF16 (elsewhere bf16 is far slower than fp32)."""
     return device.type == "cuda" or (device.type == "cpu" and torch.cpu._is_avx512_bf16_supported())
 
 
@@ -227,8 +225,7 @@ RANGES = {  # the allowed values of the numeric flags, checked by resolve_config
 
 
 def resolve_config(given: dict, device: torch.device) -> Config:
-    """The config of the settings given, the others from the preset (--preset auto: by the device), then
-    every value checked against its range and the others."""
+    """The settings given, the rest from the preset (auto: by the device), each value then checked."""
     preset = given.get("preset", "auto")
     preset = ("cuda" if device.type == "cuda" else "cpu") if preset == "auto" else preset
     cfg = Config(**{**PRESETS[preset], **given, "preset": preset})
@@ -262,8 +259,7 @@ def completion_stop_text(tokenizer, cfg: Config) -> str:
 
 
 def encode_prompts(task, examples: list[dict], tokenizer, prompt_format: str) -> list[list[int]]:
-    """Token ids of each example's prompt: the task's chat messages through the chat template, or its plain
-    text."""
+    """Each example's prompt as token ids: its chat messages through the template, or its plain text."""
     if uses_chat(tokenizer, prompt_format):
         texts = [tokenizer.apply_chat_template(task.prompt_messages(ex), tokenize=False,
                                                add_generation_prompt=True, date_string=TEMPLATE_DATE)
@@ -310,23 +306,20 @@ class PromptStream:
 
 
 # --------------------------------------------------------------------------- sampler
-# Speed machinery. `sample` does what `model.generate` does for our purpose (G completions per prompt, stop at
-# a stop token, temperature / nucleus sampling, greedy at temperature 0) and is tested equal to it, greedy
-# output token for token (test_sampler_greedy_equals_generate). What it does differently, each a named piece:
-#   - one prefill per prompt, its KV cache shared by its G samples (repeat_interleave);
-#   - rows that have stopped leave the decode batch (batch_select_indices), so the batch shrinks; the host
-#     looks for them every CHECK_EVERY tokens only, with one read of the device per look (a look waits for
-#     the device), the masks stay on it;
-#   - PreallocatedLayer: the KV cache written in place into one buffer instead of re-allocated every token;
-#   - decode_mask: the decode step's mask given to SDPA as a 4-D mask: on a CPU it keeps SDPA's fast kernel;
-#     on CUDA transformers would read a 2-D mask on the host at every token (one sync a token);
-#   - --stop-text: only the positions whose token can end the text are decoded on the host (stop_text_enders);
+# Speed machinery. `sample` does what `model.generate` does here (G completions per prompt, stop tokens,
+# temperature / nucleus sampling, greedy at T = 0), tested equal to it token for token
+# (test_sampler_greedy_equals_generate). What it does differently, each a named piece:
+#   - prefill: one forward per prompt, its KV cache shared by the G samples;
+#   - finished rows leave the decode batch; the host looks for them every CHECK_EVERY tokens, one device read
+#     a look (look);
+#   - PreallocatedLayer: the KV cache written in place, not re-allocated every token;
+#   - decode_mask: a 4-D mask, so that SDPA keeps its fast kernel on a CPU and CUDA needs no sync a token;
+#   - stop_text_enders: --stop-text decodes only the positions whose token can end the text;
 #   - next_tokens: one uniform draw per row through the CDF instead of torch.multinomial;
-#   - sampler_model: the training rollouts drawn from a bf16 copy of the weights (--sampler-dtype).
-# To fall back to transformers' own cache and masks, make `kv_cache` return DynamicCache(config=model.config)
-# and `decode_mask` return its input (models with sliding-window layers always take that path), and set
-# CHECK_EVERY to 1.
-# What each piece saves is measured in bench/README.md.
+#   - sampler_model: the rollouts drawn from a bf16 copy of the weights (--sampler-dtype).
+# Transformers' own cache and masks (which models with sliding-window layers keep): make `kv_cache` return
+# DynamicCache(config=model.config) and `decode_mask` its input, and set CHECK_EVERY to 1.
+# What each piece saves: bench/README.md.
 @dataclass
 class Rollout:
     """B prompts x G completions, grouped contiguously by prompt: rows g*G .. g*G+G-1 share prompt g."""
@@ -344,15 +337,14 @@ CHECK_EVERY = {"cpu": 1, "cuda": 16}  # decode steps between the sampler's looks
 
 
 def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The logits of the distribution the samples are drawn from: logits / T (unchanged for greedy, T = 0).
-    The sampler draws from it and the update's log-probabilities are taken from it, as in TRL and verl."""
+    """logits / T (T = 0: as is): what the sampler draws from and the update's log-probs use (TRL, verl)."""
     return logits / temperature if temperature > 0 else logits
 
 
 def next_tokens(logits: torch.Tensor, temperature: float, top_p: float,
                 generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row: argmax when temperature == 0, else a temperature / nucleus sample. logits: (n, V).
-    The draw inverts each row's CDF at one uniform number (torch.multinomial draws one number per token)."""
+    """One token per row of the (n, V) logits: argmax at temperature 0, else a temperature / nucleus sample,
+    drawn by inverting the row's CDF at one uniform number (torch.multinomial draws one per token)."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(tempered(logits.float(), temperature), dim=-1)     # (n, V)
@@ -368,9 +360,8 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_p: float,
 
 
 class PreallocatedLayer(DynamicLayer):
-    """One layer's KV cache for the sampler, in a buffer sized for the prompt and every new token, allocated
-    at the prefill and written in place (transformers' DynamicLayer concatenates, copying the whole cache at
-    every token)."""
+    """One layer's KV cache for the sampler: a buffer for the prompt and every new token, written in place
+    (transformers' DynamicLayer concatenates, copying the whole cache at every token)."""
 
     def __init__(self, capacity: int):
         super().__init__()
@@ -406,8 +397,7 @@ class PreallocatedLayer(DynamicLayer):
 
 
 def full_attention_only(model) -> bool:
-    """Whether every layer attends to the whole prefix (no sliding window): then the sampler's own cache and
-    decode mask apply; models with sliding-window layers keep transformers' cache and masks."""
+    """Whether every layer attends to the whole prefix, as the sampler's cache and decode mask assume."""
     text_config = model.config.get_text_config(decoder=True)
     layer_types = getattr(text_config, "layer_types", None) or ["full_attention"]
     return set(layer_types) == {"full_attention"}
@@ -421,28 +411,25 @@ def kv_cache(model, capacity: int) -> Cache:
 
 
 def decode_mask(model, attention: torch.Tensor) -> torch.Tensor:
-    """The attention mask of one decode step. (N, P + t) -> for SDPA, the 4-D boolean mask transformers would
-    build from it, given as such: transformers then uses it as it is. From a 2-D mask it would drop an
-    all-ones mask (on a CPU SDPA then takes a slower grouped-query path) and, on CUDA, check on the host
-    whether the mask is all ones at every token, which waits for the device."""
+    """The (N, P + t) mask of one decode step, given to SDPA as the 4-D boolean mask transformers would build,
+    which it then uses as is. From a 2-D mask it would drop an all-ones mask (a slower SDPA path on a CPU)
+    and, on CUDA, read the mask on the host at every token."""
     if model.config._attn_implementation != "sdpa" or not full_attention_only(model):
         return attention
     return attention[:, None, None, :].bool()                                # (N, 1, 1, P + t)
 
 
 def frozen(model, dtype: str):
-    """The model in eval mode without gradients, its weights cast in place to bf16 if dtype says so (the
-    parameters only: buffers such as the rotary frequencies stay fp32)."""
+    """The model in eval mode, no gradients, its parameters (not buffers) cast to bf16 if dtype says so."""
     for param in model.parameters() if dtype == "bfloat16" else []:
         param.data = param.data.to(torch.bfloat16)
     return model.eval().requires_grad_(False)
 
 
 def sampler_model(model, dtype: str):
-    """The model the rollouts and the evaluations are sampled from: the policy itself, or a bf16 copy of its
-    weights, refreshed by refresh_sampler after each update. Decoding is bound by reading the weights once per
-    token, and bf16 reads half the bytes; autocast would cast the fp32 weights again at every token, and keep
-    fp32 keys and values in the cache. The update's log-probabilities still come from the fp32 policy."""
+    """The model rollouts and evaluations are sampled from: the policy, or a bf16 copy refreshed after each
+    update. Decoding reads every weight once a token and bf16 halves the bytes (autocast would recast the
+    weights every token and cache fp32 keys and values). The update's log-probs come from the fp32 policy."""
     return model if dtype == "float32" else frozen(deepcopy(model), dtype)
 
 
@@ -456,10 +443,9 @@ def refresh_sampler(sampler, model) -> None:
 
 @functools.cache
 def stop_text_enders(tokenizer, text: str, vocab_size: int) -> np.ndarray:
-    """(vocab_size,) bool: the tokens that can complete `text`, so that a look decodes only the windows that
-    end at one: those whose own text holds the text's last character, is empty or is part of a character (a
-    byte-level token), and the ids the tokenizer does not know. For a text that ends in whitespace, every
-    token (a SentencePiece token's own text drops its leading space)."""
+    """(vocab_size,) bool: the tokens that can complete `text`: those whose own text holds its last character,
+    is empty or is part of a character (byte-level), and ids the tokenizer does not know. Every token for a
+    text ending in whitespace (a SentencePiece token's own text drops its leading space)."""
     enders = np.ones(vocab_size, dtype=bool)
     if text[-1].isspace():
         return enders
@@ -470,10 +456,9 @@ def stop_text_enders(tokenizer, text: str, vocab_size: int) -> np.ndarray:
 
 
 def first_stop_text(tokenizer, rows: np.ndarray, text: str, *, since: int, enders: np.ndarray) -> list[int]:
-    """For each row of the (n, t) ids on the host, the first position p >= since whose tokens up to p decode
-    to a text that holds `text` (a window of as many tokens as it has bytes, and one more: a token holds at
-    least one byte), else -1. Only positions whose token is one of the `enders` are decoded, in one
-    batch_decode: the first p is always one, as the window before it (looked at before) lacks the text."""
+    """For each row of the (n, t) host ids, the first p >= since whose window (one token more than `text` has
+    bytes) up to p decodes to a text holding `text`, else -1. Only positions at one of the `enders` are
+    decoded, in one batch_decode: the first p is at one, since the window before it lacks the text."""
     width = len(text.encode()) + 1
     row_of, position = np.nonzero(enders[rows[:, since:]])                  # row by row, p ascending
     position += since
@@ -532,8 +517,7 @@ def prefill(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cache: C
 
 def decode_step(model, token: torch.Tensor, attention: torch.Tensor, next_position: torch.Tensor,
                 cache: Cache, *, cache_name: str, amp) -> torch.Tensor:
-    """(n, V) logits of one decode step: the (n,) new tokens at their positions, attending where the
-    (n, P + t) attention says, as decode_mask gives it."""
+    """(n, V) logits of one decode step: the (n,) new tokens at their positions, under decode_mask."""
     with amp:
         out = model(input_ids=token[:, None], attention_mask=decode_mask(model, attention),
                     position_ids=next_position[:, None], **{cache_name: cache}, use_cache=True)
@@ -544,9 +528,8 @@ def decode_step(model, token: torch.Tensor, attention: torch.Tensor, next_positi
 def sample(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: list[int], group_size: int = 1,
            temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
            stop_text: str = "", tokenizer=None, amp=NO_AMP, progress: bool = False) -> Rollout:
-    """G completions for each of B prompts (greedy at temperature 0), with a KV cache; each ends at a stop
-    token or at the token that completes `stop_text` (decoded with `tokenizer`), kept as a stop token is.
-    Rows go on decoding until the next look (CHECK_EVERY): what they draw after their end is cut off."""
+    """G completions for each of B prompts (greedy at T = 0), each ending at a stop token or at the token that
+    completes `stop_text`; what a row draws after its end, until the next look (CHECK_EVERY), is cut off."""
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = (x.to(device) for x in left_pad(prompts, stop_ids[0]))  # (B, P)
     n_rows, check_every = len(prompts) * group_size, CHECK_EVERY.get(device.type, CHECK_EVERY["cuda"])
@@ -606,15 +589,13 @@ def completions(ids: torch.Tensor, lengths: torch.Tensor, entropies: torch.Tenso
 
 
 def sampler_generator(seed: int, step: int, chunk: int, device: torch.device) -> torch.Generator:
-    """The sampling RNG of one sampler call, keyed by (seed, step, global chunk index): the same completions
-    whichever rank draws them and whether or not the run was resumed. (A tuple of ints hashes the same in
-    every process.)"""
+    """The RNG of one sampler call, keyed by (seed, step, global chunk index): the same completions whichever
+    rank draws them, resumed or not (a tuple of ints hashes the same in every process)."""
     return torch.Generator(device=device).manual_seed(hash((seed, step, chunk)) % 2**63)
 
 
 def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
-    """One rollout from several sampler calls: prompts left-padded, completions right-padded (ids with pad_id,
-    masks with 0), to common widths."""
+    """One rollout from several sampler calls: prompts left-padded, completions right-padded."""
     def joined(name: str) -> torch.Tensor:
         tensors = [getattr(r, name) for r in parts]
         if tensors[0].dim() == 1:                                            # (n,) per-row values
@@ -630,11 +611,10 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
 def collect_rollouts(model, tokenizer, task, examples: list[dict], cfg: Config, *, step: int,
                      stop_ids: list[int], rank: int = 0, world: int = 1, amp=NO_AMP,
                      progress: bool = False) -> Rollout:
-    """This rank's rollouts: G completions for each example, in sampler calls of cfg.sample_batch prompts.
-    Call c draws from the RNG of chunk first_chunk + c of the step, so the samples do not depend on the number
-    of ranks."""
+    """This rank's rollouts: G completions per example, in sampler calls of cfg.sample_batch prompts seeded by
+    their chunk's index in the step, so that the samples do not depend on the number of ranks."""
     model.eval()
-    first_chunk = rank * math.ceil(len(examples) / cfg.sample_batch)      # this rank's first chunk
+    first_chunk = rank * math.ceil(len(examples) / cfg.sample_batch)
     parts = []
     with agreed_out_of_memory(world):
         for c, start in enumerate(range(0, len(examples), cfg.sample_batch)):
@@ -683,23 +663,22 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool = Tr
 
 def fisft_sample_weights(rewards: torch.Tensor, advantages: torch.Tensor, algo: str,
                          mode: str) -> torch.Tensor:
-    """(B*G,) weights w_i of the F-ISFT objective (see "losses"); correct means full credit, r_i >= 1.
+    """(B*G,) weights w_i of the F-ISFT objective (see "the objective"); correct means full credit, r_i >= 1.
 
-    F-ISFT+ only ever raises the likelihood of correct samples: w_i = max(A_i, 0) on them, 0 elsewhere.
-    F-ISFT- only ever lowers that of incorrect ones: w_i = min(A_i, 0) on them, 0 elsewhere.
-    F-ISFT+- is both. Under binary rewards the clamps change nothing (A_i > 0 exactly on the correct samples
-    of a mixed group, A_i < 0 exactly on the incorrect ones), so F-ISFT+- weighs each sample by A_i, as GRPO
-    does.
-    With --format-reward a well-formed wrong answer can get A_i > 0: GRPO raises its likelihood, F-ISFT- and
-    F-ISFT+- give it weight 0. mode 'unit' uses +1 / -1 instead of A_i (filtered SFT and unlikelihood).
+    F-ISFT+ only raises correct samples, w_i = max(A_i, 0); F-ISFT- only lowers incorrect ones,
+    w_i = min(A_i, 0); F-ISFT+- is both. Under binary rewards the clamps change nothing (A_i > 0 exactly on
+    the correct samples of a mixed group, A_i < 0 exactly on the incorrect ones), so F-ISFT+- weighs each
+    sample by A_i, as GRPO does. With --format-reward a well-formed wrong answer can get A_i > 0: GRPO raises
+    it, F-ISFT- and F-ISFT+- give it weight 0. mode 'unit': +1 / -1 instead of A_i (filtered SFT and
+    unlikelihood).
     """
     correct = rewards >= 1.0
     if mode == "adv":
         raise_, lower = advantages.clamp(min=0), advantages.clamp(max=0)
     else:
         raise_, lower = torch.ones_like(rewards), -torch.ones_like(rewards)
-    plus = torch.where(correct, raise_, torch.zeros_like(raise_))
-    minus = torch.where(correct, torch.zeros_like(lower), lower)
+    plus = torch.where(correct, raise_, 0.0)
+    minus = torch.where(correct, 0.0, lower)
     return {"fisft+": plus, "fisft-": minus, "fisft+-": plus + minus}[algo]
 
 
@@ -728,8 +707,7 @@ def masked_moments(x: torch.Tensor, mask: torch.Tensor, world: int) -> tuple[flo
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, world: int) -> torch.Tensor:
-    """x shifted and scaled to mean 0, variance 1 over the completion tokens of the step (TRL's
-    masked_whiten)."""
+    """x shifted and scaled to mean 0, variance 1 over the step's completion tokens (TRL's masked_whiten)."""
     mean, var = masked_moments(x, mask, world)
     return (x - mean) * (var + 1e-8) ** -0.5 * mask
 
@@ -856,7 +834,7 @@ def objective(model, batch: Rollout, targets: Targets, cfg: Config, *, amp=NO_AM
 
 
 # --------------------------------------------------------------------------- train step
-HEAD_CHUNK = 2**26  # logits per chunk of the update's LM head: 256 MB in fp32 (441 tokens at Qwen's 151,936)
+HEAD_CHUNK = 2**26  # logits per chunk of the update's LM head (256 MB in fp32)
 
 
 @contextlib.contextmanager
@@ -881,13 +859,10 @@ def head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 
 def completion_logprobs(model, rows: Rollout, *, temperature: float, amp=NO_AMP, with_values: bool = False):
-    """(n, T) log pi(token) of each completion token under softmax(logits / T), 0 after its end, and with
-    with_values PPO's (n, T) values V(q, o_<t) from the same hidden states (attach_value_head). One forward
-    over prompt + completion to the last hidden states; those of the positions that predict a completion token
-    are gathered into one contiguous (k, d) block (no padding; on a strided slice the head's matmul would copy
-    its weight once per row) and go through the LM head in chunks of HEAD_CHUNK logits, each recomputed in the
-    backward pass (checkpointed) when there is more than one, so that the (k, V) logits never exist at once
-    (Qwen's 151,936-token vocabulary: 0.6 MB a token in fp32)."""
+    """(n, T) log pi(token) of each completion token under softmax(logits / T), 0 after its end; with
+    with_values also PPO's values V(q, o_<t). The hidden states that predict completion tokens form one
+    contiguous (k, d) block (on a strided one the head's matmul copies its weight per row), fed to the LM head
+    in chunks of HEAD_CHUNK logits recomputed in the backward: the (k, V) logits never exist at once."""
     input_ids = torch.cat([rows.prompt_ids, rows.completion_ids], dim=1)    # (n, P + T)
     attention = torch.cat([rows.prompt_mask, rows.completion_mask.long()], dim=1)
     in_completion = rows.completion_mask.bool()                              # (n, T)
@@ -913,8 +888,7 @@ def completion_logprobs(model, rows: Rollout, *, temperature: float, amp=NO_AMP,
 
 
 def select_rows(rollout: Rollout, index: torch.Tensor) -> Rollout:
-    """Rows `index` of a rollout, with the all-padding columns at both ends cut off (padding costs no
-    compute)."""
+    """Rows `index` of a rollout, the all-padding columns at both ends cut off (padding costs compute)."""
     prompt_mask = rollout.prompt_mask[index]
     first = int((prompt_mask.sum(0) > 0).nonzero()[0])
     width = int(rollout.lengths[index].max())
@@ -993,10 +967,9 @@ def ppo_metrics(advantages: torch.Tensor, whitened: torch.Tensor, returns: torch
 
 def train_step(model, optimizer, rollout: Rollout, targets: Targets, cfg: Config, *, amp=NO_AMP,
                world: int = 1) -> dict:
-    """mu optimizer steps on the rollouts (1 = on-policy, the paper's case): each the gradient of the
-    objective, accumulated over micro-batches of this rank's rows, then summed over ranks, clipped, and
-    AdamW's step. A non-finite loss or gradient skips the step and those after it. Returns the metrics of the
-    last step with the sampler mismatch of the first (where pi_theta = pi_old)."""
+    """mu optimizer steps on the rollouts (1 = on-policy, the paper's case), each on the objective's gradient
+    over this rank's micro-batches; a non-finite loss or gradient ends them. Returns the last step's metrics,
+    with the sampler mismatch of the first (where pi_theta = pi_old)."""
     model.train()
     n_tokens = float(all_reduced(rollout.completion_mask.sum(), world))  # of the step, for the means
     # A row whose tokens all have advantage 0, with no KL term and no value loss, adds nothing: skipped.
@@ -1021,11 +994,10 @@ def train_step(model, optimizer, rollout: Rollout, targets: Targets, cfg: Config
 
 def optimizer_step(model, optimizer, sums: torch.Tensor, cfg: Config, *, rows_run: int, n_tokens: float,
                    world: int) -> dict:
-    """Sum the gradients over ranks, clip, and step AdamW if the loss and the gradient are finite; the
-    gradients are freed, not kept through sampling and evaluation. Returns the step's metrics on every rank
-    (TRL's definitions: kl and clip_frac are means over all completion tokens, the same on one process and on
-    N): loss, kl, clip_frac, grad_norm, the rows run, the sampler mismatch over the tokens of those rows
-    (sampler_logp_diff, the mean of |log pi_theta - log pi_sampler|, and sampler_ratio_max)."""
+    """Sum the gradients over ranks, clip, step AdamW if the loss and gradient are finite, then free the
+    gradients (not kept through sampling). Returns the step's metrics on every rank: loss, kl and clip_frac
+    (TRL's: means over all completion tokens, the same on 1 process and on N), grad_norm, the rows run, and
+    the sampler mismatch (sampler_logp_diff, the mean |log pi_theta - log pi_sampler|; sampler_ratio_max)."""
     for p in model.parameters():
         if p.grad is None:  # no row ran: a zero gradient, so that AdamW steps as on an all-zero gradient
             p.grad = torch.zeros_like(p)
@@ -1051,9 +1023,9 @@ def make_optimizer(model, cfg: Config) -> torch.optim.AdamW:
 
 
 def allocate_adamw_state(optimizer: torch.optim.AdamW) -> None:
-    """AdamW's state (8 bytes a parameter) allocated now, as the zeros at step 0 that its first step would
-    allocate, through load_state_dict: a card too small for it fails here with one line, not in the first
-    update after a batch was sampled, and the out-of-memory halving then sees the memory that is left."""
+    """AdamW's state allocated now, as the zeros its first step would allocate: a card too small for it fails
+    here with one line, not after a batch was sampled, and the out-of-memory halving then sees the memory that
+    is left."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     try:
         state = {i: {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
@@ -1200,8 +1172,8 @@ def fitting(task, examples: list[dict], tokenizer, model, cfg: Config, split: st
 
 
 def load_task_and_model(cfg: Config, device: torch.device, *, train: bool) -> tuple:
-    """The task, the model (seeded) and its tokenizer, and the problems that fit the model's context with
-    --max-new-tokens: the training ones when training, and the first --eval-size test ones. Training and
+    """The task, the model (seeded) and its tokenizer, and the problems that fit its context with
+    --max-new-tokens: the training ones when training, the first --eval-size test ones. Training and
     --eval-only both start here."""
     task = tasks.get_task(cfg.task)
     train_set = task.load("train", data_dir=cfg.data_dir, seed=cfg.seed) if train else []
@@ -1216,8 +1188,7 @@ def load_task_and_model(cfg: Config, device: torch.device, *, train: bool) -> tu
 
 
 def start_run(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: int) -> Run:
-    """Data, models and optimizer; where training stands (resume_point); config.json written (a resumed run
-    records its new --steps)."""
+    """Data, models, optimizer, where training stands (resume_point), and config.json (a resume's --steps)."""
     if cfg.prompts_per_step % world:
         raise UsageError(f"--prompts-per-step {cfg.prompts_per_step} must divide evenly over {world} ranks")
     task, model, tokenizer, train_set, eval_set = load_task_and_model(cfg, device, train=True)
@@ -1296,8 +1267,7 @@ def log_metrics(run: Run, metrics: dict) -> None:
 
 def log_step(run: Run, metrics: dict, records: list[dict], examples: list[dict], texts: list[str],
              rewards: torch.Tensor, cfg: Config) -> None:
-    """Rank 0: the step's metrics line, its rollouts to rollouts.jsonl, a few completions to samples.jsonl,
-    one line to stdout."""
+    """Rank 0: the metrics line, the rollouts, a few completions (samples.jsonl), and one line to stdout."""
     log_metrics(run, metrics)
     append_jsonl(run.dir / "rollouts.jsonl", *records)
     for i in range(min(cfg.log_samples, len(texts))):
@@ -1308,16 +1278,14 @@ def log_step(run: Run, metrics: dict, records: list[dict], examples: list[dict],
 
 
 def evaluate_run(run: Run, cfg: Config, step: int, *, rank: int, world: int) -> dict:
-    """Evaluate the policy (through run.sampler, its copy when bf16) on the eval problems; rank 0 prints
-    one line."""
+    """Evaluate the policy through run.sampler (its bf16 copy, if any); rank 0 prints one line."""
     result, records = evaluate(run.sampler, run.tokenizer, run.task, run.eval_set, cfg, stop_ids=run.stop_ids,
                                amp=run.amp, rank=rank, world=world)
     if rank == 0:
         append_jsonl(run.dir / "evals.jsonl", *({"step": step, **r} for r in records))
         print(f"eval step {step}: accuracy {result['eval_accuracy']:.4f} on {result['eval_n']} problems, "
               f"length correct {result['eval_len_correct']:.1f} / "
-              f"incorrect {result['eval_len_incorrect']:.1f}",
-              flush=True)
+              f"incorrect {result['eval_len_incorrect']:.1f}", flush=True)
     return result
 
 
@@ -1344,9 +1312,8 @@ def checkpoint_or_pause(run: Run, cfg: Config, step: int, *, finite: bool, stop_
 
 
 def finish_run(run: Run, cfg: Config, step: int, last_eval: dict) -> None:
-    """Rank 0: the final model (PPO's value head beside it) and tokenizer into model/ (written beside it, then
-    renamed), the final evaluation into eval.json, and the summary, printed and in summary.json (which marks
-    the run finished)."""
+    """Rank 0: model/ (the policy and tokenizer, PPO's value head beside; written whole), eval.json, and the
+    summary, printed and in summary.json, which marks the run finished."""
     policy = {k: v for k, v in run.model.state_dict().items() if not k.startswith("value_head.")}
     with written_atomically(run.dir / "model") as partial:
         run.model.save_pretrained(partial, state_dict=policy)  # loads as the plain model, the critic beside
@@ -1447,10 +1414,9 @@ def first_and_last(steps: list[dict], key: str) -> list:
 
 
 def run_record(run: str | Path, rows: list[dict]) -> dict:
-    """What a run tells, from its metrics lines (its summary.json; a row of bench/table.py): eval accuracy at
-    the first and the last evaluation (greedy; sampled pass@1 if drawn), and over the training steps the slope
-    of the mean length of incorrect completions (tokens per step), the first and last lengths of incorrect and
-    of correct ones, the truncated share and the share of groups with any signal (not all-equal rewards)."""
+    """What a run tells, from its metrics lines (summary.json; a row of bench/table.py): eval accuracy at the
+    first and last evaluation (greedy; sampled pass@1 if drawn), and over the training steps the lengths of
+    correct and incorrect completions, the truncated share and the share of groups with any signal."""
     evals = [r for r in rows if r.get("eval_accuracy") is not None]
     steps = [r for r in rows if "reward_mean" in r]
     if not evals or not steps:
@@ -1488,7 +1454,6 @@ def summary_lines(record: dict, *, prompts_per_step: int, max_new_tokens: int) -
                      "Ways out: a stronger --model, a larger --group-size, or the CPU experiments on "
                      "arith-reason (./run.sh horizon; README, \"Experiments\").")
     return lines
-
 
 
 # =========================================================================== plumbing
@@ -1547,12 +1512,10 @@ def load_model(name: str, device: torch.device):
 
 
 def attach_value_head(model) -> None:
-    """PPO's critic (see "losses"): V(q, o_<t) = w . h_t + b, a linear head on the policy's last hidden state
-    at the position that predicts o_t, detached, so that the value loss trains the head alone and the
-    policy's gradient is the surrogate's (the comparison with GRPO then differs in the advantages only), at
-    the memory of one vector instead of a second model. Zero at the start (w = b = 0), in fp32; a submodule of
-    the policy, so that the optimizer, the all-reduce and the checkpoints hold it; finish_run saves it beside
-    the model as value_head.pt."""
+    """PPO's critic V(q, o_<t) = w . h_t + b: a linear head on the policy's detached last hidden state, so
+    that the value loss trains the head alone and the policy gradient differs from GRPO's in the advantages
+    only, at the memory of one vector. Zero at first, fp32; a policy submodule, so that the optimizer, the
+    all-reduce and the checkpoints hold it."""
     hidden_size = model.config.get_text_config(decoder=True).hidden_size
     model.value_head = torch.nn.Linear(hidden_size, 1, device=model.device)
     torch.nn.init.zeros_(model.value_head.weight)
@@ -1560,13 +1523,11 @@ def attach_value_head(model) -> None:
 
 
 def stop_token_ids(tokenizer, model, prompt_format: str) -> list[int]:
-    """Token ids that end a completion: the tokenizer's EOS and the generation config's, and with chat prompts
-    the template's end of turn. They differ: a Qwen2.5 base model's EOS is <|endoftext|> while its template
-    ends a turn with <|im_end|>; Llama 3 ends a turn with <|eot_id|> and stops at <|end_of_text|>. (Plain
-    prompts end a turn with --stop-text instead.)"""
+    """Token ids that end a completion: the tokenizer's EOS, the generation config's, and for chat prompts the
+    template's end of turn (Qwen2.5 base: <|endoftext|>, <|im_end|>; Llama 3: <|end_of_text|>, <|eot_id|>)."""
     ids = [tokenizer.eos_token_id]
     extra = model.generation_config.eos_token_id
-    ids += extra if isinstance(extra, list) else [extra] if extra is not None else []
+    ids += extra if isinstance(extra, list) else [extra]  # None is dropped below
     if uses_chat(tokenizer, prompt_format):
         ids += end_of_turn_ids(tokenizer)
     return list(dict.fromkeys(i for i in ids if i is not None))
@@ -1599,8 +1560,7 @@ def cache_argument(model) -> str:
 
 
 def set_grad_ckpt(model, on: bool) -> None:
-    """Gradient (activation) checkpointing on or off: activation_checkpointing_* in transformers 5.24,
-    gradient_checkpointing_* before."""
+    """Gradient checkpointing on or off (activation_checkpointing_* since transformers 5.24)."""
     kind = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
     getattr(model, f"{kind}_checkpointing_{'enable' if on else 'disable'}")()
 
@@ -1712,10 +1672,9 @@ def json_safe(record: dict) -> dict:
 
 @contextlib.contextmanager
 def written_atomically(path: Path, *, partial: Path | None = None, run_dir: Path | None = None):
-    """Every file and folder rlino writes whole: the block writes `partial` (by default `path` + ".tmp"), then
-    it is renamed to `path`; a folder that another process wrote first is kept. A write error (a full disk;
-    torch.save's is a RuntimeError) removes the partial write and stops the run with one line: `path` keeps
-    what it held."""
+    """Every file and folder rlino writes whole: the block writes `partial` (default `path` + ".tmp"), renamed
+    to `path` after; a folder another process wrote first is kept. A write error (a full disk; torch.save's is
+    a RuntimeError) removes the partial write and stops the run: `path` keeps what it held."""
     partial = partial or path.with_name(path.name + ".tmp")
     remove(partial)                                                          # left by a killed run
     try:
@@ -1761,8 +1720,7 @@ def stop_on_write_error(path: Path):
 
 
 def cut_logs(run_dir: Path, step: int) -> None:
-    """Cut the run's logs back to the lines of steps <= `step` (atomically), so that a resumed run logs every
-    step once."""
+    """Cut the run's logs back to the lines of steps <= `step`, so that a resumed run logs every step once."""
     for name in ("metrics.jsonl", "samples.jsonl", "rollouts.jsonl", "evals.jsonl"):
         if (run_dir / name).exists():
             kept = [r for r in logged(run_dir / name) if r.get("step", 0) <= step]
