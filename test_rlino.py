@@ -1545,7 +1545,7 @@ def test_run_summary_says_when_most_groups_carry_no_signal(tmp_path):
 
 def test_the_experiments_figures_show_the_published_paired_differences(tmp_path):
     """bench/figures.py, on the committed records of experiments 2 and 3: the paired differences it draws are
-    the published ones (bench/results/*/paired.md), with the exact sign-flip p (5 pairs, all one sign: 2/32)."""
+    the published ones (bench/results/*/paired.md), with the exact sign-flip p (5 pairs of one sign: 2/32)."""
     figures = bench_module("figures")
     negative = figures.negative_figure(figures.RESULTS / "negative", tmp_path / "negative.png")
     primary = negative["seq − token (primary)"]
@@ -1555,6 +1555,47 @@ def test_the_experiments_figures_show_the_published_paired_differences(tmp_path)
     ppo = next(s for label, s in horizon.items() if label.startswith("PPO − GRPO"))
     assert (round(ppo["mean"], 3), round(ppo["half"], 3), ppo["p"]) == (0.043, 0.029, 2 / 32)
     assert (tmp_path / "negative.png").stat().st_size > 10_000 and (tmp_path / "horizon.png").exists()
+
+
+def write_gap_run(folder: Path, agg: str, seed: int, wrong_extra: float) -> None:
+    """A fake finished run of experiment 4: each step's 4 groups of 4, one mixed (a right answer of 50
+    tokens, three wrong ones of 50 + wrong_extra), three all wrong (100 tokens)."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(
+        {"task": "sum-chain", "model": "smollm2", "algo": "grpo", "loss_agg": agg, "seed": seed,
+         "group_size": 4, "max_new_tokens": 320, "dtype": "bfloat16"}))
+    rollouts = [{"step": step, "prompt": step * 4 + g, "length": length, "reward": reward, "truncated": False}
+                for step in range(1, 49) for g in range(4)
+                for length, reward in ([(50, 1.0)] + [(50 + wrong_extra, 0.0)] * 3 if g == 0
+                                       else [(100, 0.0)] * 4)]
+    write_jsonl(folder / "rollouts.jsonl", rollouts)
+    write_jsonl(folder / "evals.jsonl", [{"step": step, "problem": i, "correct": i < 10, "length": 60,
+                                          "truncated": False, "n_correct": 0}
+                                         for step in (0, 48) for i in range(50)])
+    metrics = [{"step": 0, "eval_accuracy": 0.2, "eval_n": 50}]
+    metrics += [{"step": step, "reward_mean": 1 / 16, "len_correct": 50.0, "zero_std_frac": 0.75,
+                 "len_incorrect": (3 * (50 + wrong_extra) + 12 * 100) / 15, "truncated_frac": 0.0}
+                for step in range(1, 49)]
+    metrics[-1].update(eval_accuracy=0.2, eval_n=50)
+    write_jsonl(folder / "metrics.jsonl", metrics)
+    (folder / "summary.json").write_text("{}")
+    (folder / "cpu.txt").write_text("a CPU\n")
+
+
+def test_experiment_4s_statistic_and_figure_from_rollouts(tmp_path, capsys):
+    """bench/gap.py and figures.py on six fake pairs whose within-group gap is 40 + seed tokens under seq and
+    10 under const: seq - const = 30 + seed in every pair, all positive (sign-flip p 2/64), verdict
+    'supports'; the figure is drawn."""
+    for seed in range(6):
+        write_gap_run(tmp_path / f"grpo_seq_s{seed}", "seq", seed, 40 + seed)
+        write_gap_run(tmp_path / f"grpo_const_s{seed}", "const", seed, 10)
+    bench_module("gap").pairs(tmp_path)
+    out = capsys.readouterr().out
+    assert "- gap, seq − const: +32.500 ± 1.964 (95 % t CI, 6 pairs), exact sign-flip p 0.0312" in out
+    assert "verdict (primary, seq − const): supports the paper" in out
+    shown = bench_module("figures").gap_figure(tmp_path, tmp_path / "gap.png")
+    assert shown["gap, wrong − right\n(primary)"]["mean"] == pytest.approx(32.5)
+    assert (tmp_path / "gap.png").stat().st_size > 10_000
 
 
 def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch, capsys):

@@ -7,6 +7,7 @@ Run it (from the repository root, in the venv; needs matplotlib):
     python bench/figures.py negative [DIR]   # experiment 2: DIR/negative.png (DIR: bench/results/negative)
     python bench/figures.py horizon [DIR]    # experiment 3: DIR/horizon.png (DIR: bench/results/horizon)
     python bench/figures.py incentive [DIR]  # experiment 1: DIR/incentive.png (DIR: bench/results/incentive)
+    python bench/figures.py gap runs/gap     # experiment 4: runs/gap/gap.png, once its pairs are in
 
 DIR holds the run folders (<algo>_<agg>_s<seed>, each with config.json and metrics.jsonl, read by
 rlino.read_run) or, for experiment 1, the per-replicate records <policy>.jsonl of bench/incentive.py. Every
@@ -358,7 +359,71 @@ def incentive_figure(folder: Path, out_png: Path) -> dict:
     return policies
 
 
-FIGURES = {"negative": negative_figure, "horizon": horizon_figure, "incentive": incentive_figure}
+def gap_figure(folder: Path, out_png: Path) -> dict:
+    """Experiment 4: per arm (GRPO seq, const) the right and the wrong answers' length over the steps with
+    the cap and the window of the primary statistic, the truncated share, and the paired differences seq -
+    const of the primary (the within-group length gap; the smallest effect of interest shaded) and of the
+    secondaries (bench/gap.py computes them all)."""
+    import gap  # noqa: E402  (bench/gap.py)
+    plt = pyplot()
+    runs = {(run.name.split("_")[1], int(run.name.rsplit("_s", 1)[1])): run
+            for run in sorted(folder.glob("grpo_*_s*")) if rlino.is_finished(run)}
+    seeds = sorted(s for agg, s in runs if agg == "seq" and ("const", s) in runs)
+    if len(seeds) < 2:
+        raise rlino.UsageError(f"{folder}: fewer than two finished pairs grpo_seq_s<seed> / grpo_const_s<seed>")
+    figures = {key: gap.run_figures(run) for key, run in runs.items() if key[1] in seeds}
+    metrics = {arm: {s: rlino.read_run(str(runs[arm, s]))[1] for s in seeds} for arm in gap.ARMS}
+    cap = figures["seq", seeds[0]]["cfg"]["max_new_tokens"]
+    accuracy = next(k for k in figures["seq", seeds[0]] if k.startswith("accuracy"))
+
+    def contrast(key):
+        return paired({s: figures["seq", s] for s in seeds}, {s: figures["const", s] for s in seeds},
+                      lambda f: f[key])
+    tokens = {"gap, wrong − right\n(primary)": contrast("gap"),
+              "gap without\ntruncated": contrast("gap without truncated")}
+    matched = [gap.matched_wrong_length(figures["seq", s]["rollouts"], figures["const", s]["rollouts"])
+               for s in seeds]
+    tokens["wrong length,\nmatched by prompt"] = {
+        "diffs": matched, "n": len(matched), "mean": float(np.mean(matched)), "half": ci_half_width(matched),
+        "p": sign_flip_p(matched), "positive": sum(d > 0 for d in matched)}
+    shares = {"truncated share\n(steps 25–48)": contrast("truncated share"), accuracy: contrast(accuracy)}
+    fig, axes = plt.subplots(1, 4, figsize=(19, 5.2), gridspec_kw={"width_ratios": [1.5, 1, 1.2, 0.9]})
+    lengths, truncated, token_ax, share_ax = axes
+    names = {"seq": "GRPO seq", "const": "GRPO const (Dr. GRPO)"}
+    for arm in gap.ARMS:
+        for key, style in (("len_incorrect", "-"), ("len_correct", ":")):
+            steps, mean, half = band(metrics[arm], lambda r, key=key: r.get(key) if "reward_mean" in r else None)
+            lengths.plot(steps, mean, style, color=COLOURS[arm], linewidth=1.8,
+                         label=f"{names[arm]}, {'wrong' if key == 'len_incorrect' else 'right'}")
+            lengths.fill_between(steps, mean - half, mean + half, color=COLOURS[arm], alpha=0.12, linewidth=0)
+    draw_cap(lengths, cap)
+    lengths.axvspan(gap.FIRST, gap.LAST, color="grey", alpha=0.12, linewidth=0)
+    lengths.set(xlabel="training step", ylabel="mean length, tokens", ylim=(0, cap * 1.08),
+                title=f"mean over {len(seeds)} seeds ± 95 % band; shaded: the primary's steps")
+    lengths.legend(fontsize=8, loc="upper left")
+    draw_bands(truncated, {arm: band(metrics[arm], lambda r: r.get("truncated_frac") if "reward_mean" in r
+                                     else None) for arm in gap.ARMS}, names=names)
+    truncated.set(xlabel="training step", ylabel="share of all answers cut by the cap", ylim=(0, 1),
+                  title="truncated share")
+    truncated.legend(fontsize=8, loc="upper left")
+    token_ax.axhspan(-gap.SMALLEST_EFFECT, gap.SMALLEST_EFFECT, color="grey", alpha=0.15, linewidth=0)
+    draw_contrasts(token_ax, [(label, s, "tab:red") for label, s in tokens.items()],
+                   unit="seq − const, tokens (shaded: ±10, no practical size)", fmt=".1f")
+    token_ax.set_title("paired by seed: dots, mean ± 95 % CI", fontsize=10)
+    draw_contrasts(share_ax, [(label, s, "tab:grey") for label, s in shares.items()], unit="seq − const",
+                   fmt=".3f")
+    verdict = gap.verdict(tokens["gap, wrong − right\n(primary)"]["diffs"]) if len(seeds) >= gap.PAIRS else (
+        f"not read: {len(seeds)} of {gap.PAIRS} pairs")
+    fig.suptitle(f"Experiment 4, GRPO seq against const on sum-chain: {verdict}", fontsize=11)
+    fig.subplots_adjust(left=0.05, right=0.98, top=0.86, bottom=0.17, wspace=0.3)
+    save(fig, out_png)
+    print_contrasts("experiment 4: paired differences seq − const", {**tokens, **shares}, ".3f")
+    return {**tokens, **shares}
+
+
+FIGURES = {"negative": negative_figure, "horizon": horizon_figure, "incentive": incentive_figure,
+           "gap": gap_figure}
+DONE = ("negative", "horizon", "incentive")  # what `all` draws: the experiments whose records are complete
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -370,7 +435,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.experiment == "all" and args.dir:
         parser.error("'all' reads bench/results/; give DIR with one experiment")
     try:
-        for name in FIGURES if args.experiment == "all" else [args.experiment]:
+        for name in DONE if args.experiment == "all" else [args.experiment]:
             folder = Path(args.dir) if args.dir else RESULTS / name
             if not folder.is_dir():
                 raise rlino.UsageError(f"{folder}: no such folder")
