@@ -1589,6 +1589,7 @@ def test_experiment_4s_statistic_and_figure_from_rollouts(tmp_path, capsys):
     for seed in range(6):
         write_gap_run(tmp_path / f"grpo_seq_s{seed}", "seq", seed, 40 + seed)
         write_gap_run(tmp_path / f"grpo_const_s{seed}", "const", seed, 10)
+    write_gap_run(tmp_path / "grpo_seq_s0.discarded-20261206-1200", "seq", 0, 400)  # set aside: not read
     bench_module("gap").pairs(tmp_path)
     out = capsys.readouterr().out
     assert "- gap, seq − const: +32.500 ± 1.964 (95 % t CI, 6 pairs), exact sign-flip p 0.0312" in out

@@ -366,8 +366,7 @@ def gap_figure(folder: Path, out_png: Path) -> dict:
     secondaries (bench/gap.py computes them all)."""
     import gap  # noqa: E402  (bench/gap.py)
     plt = pyplot()
-    runs = {(run.name.split("_")[1], int(run.name.rsplit("_s", 1)[1])): run
-            for run in sorted(folder.glob("grpo_*_s*")) if rlino.is_finished(run)}
+    runs = {(agg, seed): run for run, agg, seed in gap.arm_folders(folder) if rlino.is_finished(run)}
     seeds = sorted(s for agg, s in runs if agg == "seq" and ("const", s) in runs)
     if len(seeds) < 2:
         raise rlino.UsageError(f"{folder}: fewer than two finished pairs grpo_seq_s<seed> / grpo_const_s<seed>")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -88,6 +89,12 @@ def run_figures(run: Path) -> dict:
             "cpu": (run / "cpu.txt").read_text().strip() if (run / "cpu.txt").exists() else "?"}
 
 
+def arm_folders(folder: Path) -> list[tuple[Path, str, int]]:
+    """The run folders grpo_<agg>_s<seed> of the two arms (not those set aside as <name>.discarded-<time>)."""
+    names = ((run, re.fullmatch(r"grpo_(seq|const)_s(\d+)", run.name)) for run in sorted(folder.iterdir()))
+    return [(run, match[1], int(match[2])) for run, match in names if match]
+
+
 def verdict(differences: list[float]) -> str:
     """The registered rule (bench/EXPERIMENTS.md, experiment 4) on seq - const, in tokens."""
     mean, half = float(np.mean(differences)), ci_half_width(differences)
@@ -105,9 +112,8 @@ def pairs(folder: Path) -> None:
     """The table of pairs: each arm's primary statistic and seq - const, the secondaries' differences; the
     mean ± CI and sign-flip p of each; the verdict once all pairs are in."""
     finished = {}
-    for run in sorted(folder.glob("grpo_*_s*")):
+    for run, agg, seed in arm_folders(folder):
         if (run / "summary.json").exists():
-            agg, seed = run.name.split("_")[1], int(run.name.rsplit("_s", 1)[1])
             finished[(agg, seed)] = run_figures(run)
     seeds = sorted(s for (agg, s) in finished if agg == "seq" and ("const", s) in finished)
     keys = ["gap", "gap without truncated", "truncated share",
