@@ -113,9 +113,13 @@ def paired(a: dict, b: dict, statistic) -> dict:
     """The paired (by seed) differences statistic(A) - statistic(B) over the seeds both arms ran: the seeds,
     the differences, their mean, the 95 % CI's half-width, the exact sign-flip p and how many are > 0."""
     seeds = sorted(a.keys() & b.keys())
-    diffs = [statistic(a[s]) - statistic(b[s]) for s in seeds]
-    return {"seeds": seeds, "diffs": diffs, "n": len(diffs), "mean": float(np.mean(diffs)),
-            "half": ci_half_width(diffs), "p": sign_flip_p(diffs), "positive": sum(d > 0 for d in diffs)}
+    return {"seeds": seeds, **summarised([statistic(a[s]) - statistic(b[s]) for s in seeds])}
+
+
+def summarised(diffs: list[float]) -> dict:
+    """Paired differences with their mean, 95 % CI half-width, exact sign-flip p and how many are > 0."""
+    return {"diffs": diffs, "n": len(diffs), "mean": float(np.mean(diffs)), "half": ci_half_width(diffs),
+            "p": sign_flip_p(diffs), "positive": sum(d > 0 for d in diffs)}
 
 
 def ci_reading(s: dict) -> str:
@@ -382,9 +386,7 @@ def gap_figure(folder: Path, out_png: Path) -> dict:
               "gap without\ntruncated": contrast("gap without truncated")}
     matched = [gap.matched_wrong_length(figures["seq", s]["rollouts"], figures["const", s]["rollouts"])
                for s in seeds]
-    tokens["wrong length,\nmatched by prompt"] = {
-        "diffs": matched, "n": len(matched), "mean": float(np.mean(matched)), "half": ci_half_width(matched),
-        "p": sign_flip_p(matched), "positive": sum(d > 0 for d in matched)}
+    tokens["wrong length,\nmatched by prompt"] = summarised(matched)
     shares = {"truncated share\n(steps 25–48)": contrast("truncated share"), accuracy: contrast(accuracy)}
     fig, axes = plt.subplots(1, 4, figsize=(19, 5.2), gridspec_kw={"width_ratios": [1.5, 1, 1.2, 0.9]})
     lengths, truncated, token_ax, share_ax = axes

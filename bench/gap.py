@@ -23,17 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # rlino.py lives one folder up
+import rlino  # noqa: E402
 from table import ci_half_width, sign_flip_p  # noqa: E402  (bench/table.py)
 
 FIRST, LAST = 25, 48          # the steps the primary statistic reads
 SMALLEST_EFFECT = 10.0        # tokens: a seq - const gap inside +-10 is of no practical size
 PAIRS = 6                     # the verdict is read when all six pairs (seeds 0-5) are in
 ARMS = ("seq", "const")
-
-
-def read_lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def groups(rollouts: list[dict], group_size: int, first: int, last: int) -> list[list[dict]]:
@@ -75,10 +72,11 @@ def matched_wrong_length(a: list[dict], b: list[dict]) -> float | None:
 def run_figures(run: Path) -> dict:
     """One run's primary statistic and its secondaries' inputs."""
     cfg = json.loads((run / "config.json").read_text())
-    rollouts = read_lines(run / "rollouts.jsonl")
+    rollouts = rlino.logged(run / "rollouts.jsonl")
     late = [r for r in rollouts if FIRST <= r["step"] <= LAST]
-    last_eval = max(r["step"] for r in read_lines(run / "evals.jsonl"))
-    evals = [r for r in read_lines(run / "evals.jsonl") if r["step"] == last_eval]
+    evals = rlino.logged(run / "evals.jsonl")
+    last_eval = max(r["step"] for r in evals)
+    evals = [r for r in evals if r["step"] == last_eval]
     return {"gap": length_gap(rollouts, cfg["group_size"]),
             "gap without truncated": length_gap(rollouts, cfg["group_size"], keep_truncated=False),
             "truncated share": float(np.mean([r["truncated"] for r in late])),
@@ -155,8 +153,8 @@ def pairs(folder: Path) -> None:
 def gate(run: Path) -> None:
     """The task's gate on its pilot (bench/EXPERIMENTS.md): each criterion, its figure and pass / fail."""
     cfg = json.loads((run / "config.json").read_text())
-    start = next(r for r in read_lines(run / "metrics.jsonl") if r["step"] == 0)
-    rollouts = read_lines(run / "rollouts.jsonl")
+    start = next(r for r in rlino.logged(run / "metrics.jsonl") if r["step"] == 0)
+    rollouts = rlino.logged(run / "rollouts.jsonl")
     half = [r for r in rollouts if 13 <= r["step"] <= 24]
     right = [r["length"] for r in half if r["reward"] >= 1]
     mixed = [len({r["reward"] >= 1 for r in g}) == 2 for g in groups(rollouts, cfg["group_size"], 1, 24)]
