@@ -137,7 +137,7 @@ class Config:
     group_size: int = arg(4, "completions per prompt (G)")
     sample_batch: int = arg(4, "prompts per sampler call (its batch is sample_batch*G sequences)")
     max_new_tokens: int = arg(160, "longest completion, in tokens")
-    temperature: float = arg(0.8, "sampling temperature T (the update's log-probs: of softmax(logits / T))")
+    temperature: float = arg(0.8, "sampling temperature T of the rollouts (log-probs: softmax(logits / T))")
     top_p: float = arg(1.0, "nucleus sampling: keep the smallest token set with this much probability")
     # optimisation
     lr: float = arg(5e-6, "AdamW learning rate")
